@@ -1,0 +1,1 @@
+"""Fixtures for the real libvirtd + QEMU lab (see tests/labharness/)."""
