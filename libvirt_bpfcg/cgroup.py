@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 from .errors import OperationError, UsageError
 
@@ -34,7 +34,7 @@ def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -97,12 +97,12 @@ def hierarchy_path(pid: int | str = "self", proc: str = "/proc") -> str:
 def to_directory(hier_path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
     """Map a hierarchy path (``/machine/x``) to a directory through a cgroup2 mount."""
     hier_path = hier_path.split(" (deleted)")[0]
-    best: Optional[Mount] = None
+    best: Mount | None = None
     for mount in cgroup2_mounts(mountinfo):
         root = mount.root.rstrip("/")
-        if hier_path == root or hier_path.startswith(root + "/") or root == "":
-            if best is None or len(mount.root) > len(best.root):
-                best = mount
+        visible = hier_path == root or hier_path.startswith(root + "/") or root == ""
+        if visible and (best is None or len(mount.root) > len(best.root)):
+            best = mount
     if best is None:
         raise OperationError(f"cgroup {hier_path} is not visible through any cgroup2 mount")
     rel = hier_path[len(best.root.rstrip("/")):].lstrip("/")

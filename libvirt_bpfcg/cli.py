@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from typing import Any, List, Optional, TextIO
+from typing import List, TextIO
 
 from . import __version__, log
+from .cli_common import print_json  # noqa: F401 - re-exported for sub-commands
 from .errors import EXIT_FAILED, EXIT_USAGE, BpfcgError
 
 # Each module defines ``register(subparsers)``; the parser it adds sets ``func(args, out)``.
@@ -46,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_json(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2, sort_keys=False)
-    out.write("\n")
-
-
-def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
+def main(argv: List[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,6 +58,10 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None) -> int:
             raise
         print(f"libvirt-bpfcg: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (| head): not our failure, and no traceback.
+        sys.stderr.close()
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("libvirt-bpfcg: interrupted", file=sys.stderr)
         return EXIT_FAILED

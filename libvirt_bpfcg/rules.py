@@ -18,7 +18,7 @@ import fnmatch
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 from .errors import RuleError
 
@@ -53,19 +53,19 @@ def access_string(bits: int) -> str:
     return "".join(ch for ch in "rwm" if bits & ACCESS_BITS[ch])
 
 
-def encode_key(major: Optional[int], minor: Optional[int]) -> int:
+def encode_key(major: int | None, minor: int | None) -> int:
     """libvirt's virCgroupV2DevicesGetKey; None means "*"."""
     hi = ANY if major is None else major
     lo = ANY if minor is None else minor
     return (hi << 32) | lo
 
 
-def decode_key(key: int) -> Tuple[Optional[int], Optional[int]]:
+def decode_key(key: int) -> Tuple[int | None, int | None]:
     hi, lo = key >> 32, key & 0xFFFFFFFF
     return (None if hi == ANY else hi, None if lo == ANY else lo)
 
 
-def _number(text: str, what: str, rule_text: str) -> Optional[int]:
+def _number(text: str, what: str, rule_text: str) -> int | None:
     if text == "*":
         return None
     if not text.isdigit():
@@ -81,8 +81,8 @@ class Rule:
     """One device rule: type ``a``/``b``/``c``, major/minor (None = *), access ``rwm`` subset."""
 
     type: str
-    major: Optional[int]
-    minor: Optional[int]
+    major: int | None
+    minor: int | None
     access: str = DEFAULT_ACCESS
 
     def __post_init__(self) -> None:
@@ -122,7 +122,7 @@ class Rule:
         return access_bits(access) & ~access_bits(self.access) == 0
 
     @classmethod
-    def from_entry(cls, key: int, value: int) -> Optional[Rule]:
+    def from_entry(cls, key: int, value: int) -> Rule | None:
         """Decode one map entry; None for a value with no type or access bits.
 
         libvirt's partial deny can leave such a "dead" value behind (it clears the type bit
@@ -296,7 +296,7 @@ class RuleSet:
         self.entries[rule.key] = merged
         return merged
 
-    def remove(self, rule: Rule) -> Optional[Rule]:
+    def remove(self, rule: Rule) -> Rule | None:
         """Take ``rule.access`` away from its key; drop the key when nothing is left.
 
         Returns the remaining rule (None if the key is gone). Removing access from a key whose

@@ -1,0 +1,457 @@
+"""The filter engine: grant, revoke and inspect one cgroup's device filter.
+
+Every change runs under the per-cgroup lock and starts with a fresh detection, because libvirt
+may have swapped programs since anyone last looked. Changes only ever go through states that
+are safe for the guest:
+
+* adding access to an existing entry or adding a key is one atomic map update;
+* growing a full map builds a bigger copy, loads a program on it and swaps it in with one
+  flags-0 attach — before the swap the old program still allows everything it allowed, after
+  it the new one allows the same plus the new rules;
+* the attach carries the revision read by the detection (``expected_revision``), so an attach
+  that raced libvirt's own program swap fails with ESTALE and is redone on libvirt's new map
+  instead of resurrecting an abandoned one (overlay-experiment.md, 2b/2c).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+from . import detect as det
+from .bpf import devprog
+from .bpf import sys as bpf
+from .cgroup import cgroup2_root, check_guest_cgroup, is_mount_root
+from .detect import Detection, MapView
+from .devnames import DeviceNames
+from .errors import OperationError
+from .rules import Rule, RuleSet, access_string, encode_key
+from .state import StateDirs
+
+INITIAL_MAP_SIZE = 64  # libvirt's VIR_CGROUP_V2_INITIAL_BPF_MAP_SIZE
+ATTACH_RETRIES = 5
+PIN_OVERLAY = "overlay"
+PIN_DENIALS = "denials"
+
+MAP_OWN = "own"
+MAP_OVERLAY = "overlay"
+MAP_LIBVIRT = "libvirt"
+
+
+@dataclass
+class Change:
+    """What one grant or revoke did."""
+
+    mode: str
+    # grant: each touched entry as now stored; revoke: each requested rule that took effect
+    changed: List[Rule] = field(default_factory=list)
+    unchanged: List[Rule] = field(default_factory=list)  # already covered / not present
+    conflicts: List[Tuple[Rule, Rule]] = field(default_factory=list)  # b/c sharing a key
+    installed: bool = False  # a program was (re)attached
+    grew_to: int | None = None  # new map size when the map grew
+
+
+def _size_for(count: int, current: int) -> int:
+    """libvirt's growth: double until it fits (never below the current size)."""
+    size = max(current, INITIAL_MAP_SIZE)
+    while size < count:
+        size *= 2
+    return size
+
+
+def read_entries(map_fd: int) -> Dict[int, int]:
+    return {bpf.parse_key(k): bpf.parse_value(v)
+            for k, v in bpf.map_items(map_fd, devprog.RULE_KEY_SIZE, devprog.RULE_VALUE_SIZE)}
+
+
+def _ruleset(entries: Dict[int, int]) -> RuleSet:
+    rules = RuleSet()
+    for key, value in entries.items():
+        rule = Rule.from_entry(key, value)
+        if rule is not None:
+            rules.entries[key] = rule
+    return rules
+
+
+def _write_entries(map_fd: int, entries: Dict[int, int]) -> None:
+    for key, value in entries.items():
+        bpf.map_update(map_fd, bpf.key_bytes(key), bpf.value_bytes(value))
+
+
+class DeviceFilter:
+    """Handle on one cgroup's device filter. Holds no kernel objects between calls."""
+
+    def __init__(self, cgroup_dir: str, dirs: StateDirs | None = None,
+                 record_denials: bool = True, what: str | None = None,
+                 allow_root: bool = False) -> None:
+        self.cgroup = cgroup_dir.rstrip("/") or "/"
+        self.dirs = dirs or StateDirs()
+        self.record_denials = record_denials
+        self.what = what or f"cgroup {self.cgroup}"
+        if not allow_root and is_mount_root(self.cgroup):
+            check_guest_cgroup(self.cgroup, self.what)  # raises with the reason
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def detect(self) -> Detection:
+        try:
+            return det.detect(self.cgroup)
+        except FileNotFoundError:
+            raise OperationError(f"{self.what}: cgroup {self.cgroup} does not exist "
+                                 "(guest stopped?)") from None
+
+    @property
+    def mode(self) -> str:
+        return self.detect().mode
+
+    def rules(self) -> List[Tuple[Rule, str]]:
+        """Every rule in effect through this cgroup's filter, with the map holding it."""
+        d = self.detect()
+        result: List[Tuple[Rule, str]] = []
+        if d.base is not None:
+            label = MAP_OWN if d.mode == det.MODE_OWN else MAP_LIBVIRT
+            result += [(r, label) for r in self._map_rules(d.base.id)]
+        overlay_id = d.overlay.id if d.overlay else None
+        if overlay_id is None and d.mode == det.MODE_LIBVIRT:
+            overlay_id = self._pinned_id(PIN_OVERLAY)
+        if overlay_id is not None:
+            result += [(r, MAP_OVERLAY) for r in self._map_rules(overlay_id)]
+        return result
+
+    def _map_rules(self, map_id: int) -> List[Rule]:
+        with det.opened(bpf.map_get_fd_by_id(map_id)) as fd:
+            return _ruleset(read_entries(fd)).rules()
+
+    def _pinned_id(self, name: str) -> int | None:
+        fd = self.dirs.get_pinned(self.cgroup, name)
+        if fd is None:
+            return None
+        with det.opened(fd):
+            return bpf.map_info(fd).id
+
+    def denials(self) -> List[devprog.Denial]:
+        d = self.detect()
+        denial_id = d.denials.id if d.denials else None
+        if denial_id is None and d.mode == det.MODE_LIBVIRT:
+            denial_id = self._pinned_id(PIN_DENIALS)
+        if denial_id is None:
+            return []
+        with det.opened(bpf.map_get_fd_by_id(denial_id)) as fd:
+            found = list(devprog.read_denials(fd).values())
+        return sorted(found, key=lambda x: x.last_ns, reverse=True)
+
+    def status(self, names: DeviceNames | None = None) -> Dict[str, object]:
+        names = names or DeviceNames()
+        d = self.detect()
+        capacity: Dict[str, Dict[str, int]] = {}
+        rules = self.rules()
+        for label, view in ((MAP_OWN if d.mode == det.MODE_OWN else MAP_LIBVIRT, d.base),
+                            (MAP_OVERLAY, d.overlay)):
+            if view is not None:
+                used = sum(1 for _r, m in rules if m == label)
+                capacity[label] = {"used": used, "max": view.max_entries}
+        boot_offset = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        denials = []
+        for item in self.denials():
+            dev_type = item.type_letter
+            rule = Rule(dev_type if dev_type in "bc" else "a", item.major, item.minor,
+                        access_string(item.access_bits) or "r")
+            denials.append({
+                "rule": f"{dev_type} {item.major}:{item.minor}",
+                "devices": names.for_rule(rule),
+                "access": access_string(item.access_bits),
+                "count": item.count,
+                "last": _iso(boot_offset + item.last_ns / 1e9),
+            })
+        return {
+            "cgroup": self.cgroup,
+            "mode": d.mode,
+            "reason": d.reason,
+            "overlay_installed": d.overlay_installed,
+            "programs": [p.to_json() for p in d.programs],
+            "rules": [{"rule": str(r), "map": m, "devices": names.for_rule(r)} for r, m in rules],
+            "capacity": capacity,
+            "denials": denials,
+        }
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def grant(self, rules: Iterable[Rule]) -> Change:
+        rules = list(rules)
+        with self.dirs.lock(self.cgroup):
+            for _attempt in range(ATTACH_RETRIES):
+                d = self.detect()
+                self._refuse_foreign(d)
+                self._refuse_ancestors(rules)
+                try:
+                    if d.mode == det.MODE_NONE:
+                        return self._create_own(d, rules)
+                    if d.mode == det.MODE_OWN:
+                        return self._grow_or_update(d, rules, overlay=False)
+                    return self._grant_libvirt(d, rules)
+                except bpf.BpfError as exc:
+                    if exc.errno != errno.ESTALE:
+                        raise
+                    continue  # libvirt swapped programs under us: re-detect and redo
+            raise OperationError(f"{self.what}: the cgroup's programs kept changing during "
+                                 f"{ATTACH_RETRIES} attempts; try again")
+
+    def ensure_overlay(self) -> Change:
+        """libvirt mode: make sure our program (overlay + denials) sits on libvirt's current
+        map, re-installing it after libvirt replaced it. No-op in other modes."""
+        return self.grant([])
+
+    def revoke(self, rules: Iterable[Rule]) -> Change:
+        rules = list(rules)
+        with self.dirs.lock(self.cgroup):
+            d = self.detect()
+            if d.mode == det.MODE_FOREIGN:
+                raise OperationError(f"{self.what}: {d.reason}")
+            change = Change(d.mode)
+            if d.mode == det.MODE_NONE:
+                change.unchanged = rules
+                return change
+            if d.mode == det.MODE_OWN:
+                map_id: int | None = d.base.id if d.base else None
+            else:
+                map_id = d.overlay.id if d.overlay else self._pinned_id(PIN_OVERLAY)
+            if map_id is None:
+                change.unchanged = rules
+                return change
+            with det.opened(bpf.map_get_fd_by_id(map_id)) as fd:
+                current = _ruleset(read_entries(fd))
+                for rule in rules:
+                    before = current.entries.get(rule.key)
+                    after = current.remove(rule)
+                    if before == after:
+                        change.unchanged.append(rule)
+                        continue
+                    key = bpf.key_bytes(rule.key)
+                    if after is None:
+                        bpf.map_delete(fd, key)
+                    else:
+                        bpf.map_update(fd, key, bpf.value_bytes(after.value))
+                    change.changed.append(rule)
+            return change
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _refuse_foreign(self, d: Detection) -> None:
+        if d.mode == det.MODE_FOREIGN:
+            raise OperationError(f"{self.what}: {d.reason}; not changing it")
+
+    def _refuse_ancestors(self, rules: Sequence[Rule]) -> None:
+        """A program on an ancestor cgroup also judges every open here: refuse to grant what
+        it would deny (our own or libvirt's format we can read; anything else we cannot)."""
+        try:
+            root = cgroup2_root()
+        except OperationError:
+            return
+        for anc in det.ancestor_programs(self.cgroup, root):
+            prog = anc.program
+            if prog.owner == det.OWNER_OTHER:
+                raise OperationError(
+                    f"{self.what}: ancestor cgroup {anc.cgroup} has {prog.describe()}, which "
+                    "may deny what we would grant; refusing")
+            entries: Dict[int, int] = {}
+            for view in prog.maps:
+                if view.is_rule_map:
+                    with det.opened(bpf.map_get_fd_by_id(view.id)) as fd:
+                        entries.update(read_entries(fd))
+            for rule in rules:
+                if not _map_covers(entries, rule):
+                    raise OperationError(
+                        f"{self.what}: {rule} would still be denied by {prog.describe()} on "
+                        f"ancestor cgroup {anc.cgroup}; grant it there first")
+
+    def _denial_fd(self, d: Detection, pinned: bool) -> int | None:
+        """The denial map to carry over (or a new one), None when not recording."""
+        if not self.record_denials or not devprog.denials_supported():
+            return None
+        if d.denials is not None:
+            return bpf.map_get_fd_by_id(d.denials.id)
+        if pinned:
+            fd = self.dirs.get_pinned(self.cgroup, PIN_DENIALS)
+            if fd is not None:
+                return fd
+        return devprog.create_denial_map()
+
+    def _attach(self, d: Detection, map_fds: Sequence[int], denial_fd: int | None) -> int:
+        """Load our program over ``map_fds`` and swap it in; return the new program id."""
+        prog_fd = devprog.load_device_program(map_fds, denial_fd)
+        try:
+            self._check_map_order(prog_fd, map_fds, denial_fd)
+            with det.opened(bpf.open_cgroup(self.cgroup)) as cg_fd:
+                bpf.prog_attach(cg_fd, prog_fd, bpf.BPF_CGROUP_DEVICE, 0,
+                                expected_revision=d.revision)
+                prog_id = bpf.prog_info(prog_fd).id
+                after = bpf.prog_query(cg_fd, bpf.BPF_CGROUP_DEVICE)
+            if after.prog_ids != [prog_id]:
+                # Kernels without revisions: someone attached between our query and attach.
+                raise bpf.BpfError("BPF_PROG_ATTACH", errno.ESTALE,
+                                   "program list changed during attach")
+            return prog_id
+        finally:
+            bpf.close(prog_fd)
+
+    @staticmethod
+    def _check_map_order(prog_fd: int, map_fds: Sequence[int],
+                         denial_fd: int | None) -> None:
+        """map_ids[0] must be the base map: libvirt re-detects its map there (DESIGN §4.3)."""
+        expected = [bpf.map_info(fd).id for fd in map_fds]
+        if denial_fd is not None:
+            expected.append(bpf.map_info(denial_fd).id)
+        actual = bpf.prog_info(prog_fd).map_ids
+        if actual != expected:
+            raise OperationError(f"loaded program references maps {actual}, expected "
+                                 f"{expected}; refusing to attach")
+
+    def _create_own(self, d: Detection, rules: Sequence[Rule]) -> Change:
+        wanted = RuleSet.of(rules)
+        change = Change(det.MODE_OWN, changed=wanted.rules(), conflicts=wanted.conflicts)
+        base_fd = devprog.create_rule_map(devprog.BASE_MAP_NAME,
+                                          _size_for(len(wanted), INITIAL_MAP_SIZE))
+        denial_fd = None
+        try:
+            _write_entries(base_fd, wanted.as_map())
+            denial_fd = self._denial_fd(d, pinned=False)
+            self._attach(d, [base_fd], denial_fd)
+            change.installed = True
+            return change
+        finally:
+            bpf.close(base_fd)
+            if denial_fd is not None:
+                bpf.close(denial_fd)
+
+    def _grant_libvirt(self, d: Detection, rules: Sequence[Rule]) -> Change:
+        if d.overlay_installed:
+            return self._grow_or_update(d, rules, overlay=True)
+        # libvirt's program is attached (first install, or libvirt replaced ours when its map
+        # grew): put our program on libvirt's live map, reusing pinned overlay and denials.
+        assert d.base is not None
+        overlay_fd = self.dirs.get_pinned(self.cgroup, PIN_OVERLAY)
+        fds: List[int] = []
+        try:
+            if overlay_fd is None:
+                overlay_fd = devprog.create_rule_map(devprog.OVERLAY_MAP_NAME, INITIAL_MAP_SIZE)
+            fds.append(overlay_fd)
+            current = read_entries(overlay_fd)
+            merged, change = _merge(current, rules, det.MODE_LIBVIRT)
+            needed = _size_for(len(merged), bpf.map_info(overlay_fd).max_entries)
+            if needed > bpf.map_info(overlay_fd).max_entries:
+                overlay_fd = devprog.create_rule_map(devprog.OVERLAY_MAP_NAME, needed)
+                fds.append(overlay_fd)
+                change.grew_to = needed
+                _write_entries(overlay_fd, merged)
+            else:
+                _write_entries(overlay_fd, {k: merged[k] for k in _diff(current, merged)})
+            denial_fd = self._denial_fd(d, pinned=True)
+            if denial_fd is not None:
+                fds.append(denial_fd)
+            base_fd = bpf.map_get_fd_by_id(d.base.id)
+            fds.append(base_fd)
+            self._attach(d, [base_fd, overlay_fd], denial_fd)
+            self.dirs.pin(self.cgroup, PIN_OVERLAY, overlay_fd)
+            if denial_fd is not None:
+                self.dirs.pin(self.cgroup, PIN_DENIALS, denial_fd)
+            change.installed = True
+            return change
+        finally:
+            for fd in fds:
+                bpf.close(fd)
+
+    def _grow_or_update(self, d: Detection, rules: Sequence[Rule], overlay: bool) -> Change:
+        """Own base map or attached overlay: update in place, or grow and swap programs."""
+        view: MapView | None = d.overlay if overlay else d.base
+        assert view is not None
+        fds: List[int] = []
+        try:
+            target_fd = bpf.map_get_fd_by_id(view.id)
+            fds.append(target_fd)
+            current = read_entries(target_fd)
+            merged, change = _merge(current, rules, d.mode)
+            if len(merged) <= view.max_entries:
+                for key in _diff(current, merged):
+                    try:
+                        bpf.map_update(target_fd, bpf.key_bytes(key),
+                                       bpf.value_bytes(merged[key]))
+                    except bpf.BpfError as exc:
+                        if exc.errno != errno.E2BIG:
+                            raise
+                        break  # full after all (a concurrent writer?): grow below
+                else:
+                    return change
+            size = _size_for(len(merged), view.max_entries * 2)
+            new_fd = devprog.create_rule_map(
+                devprog.OVERLAY_MAP_NAME if overlay else devprog.BASE_MAP_NAME, size)
+            fds.append(new_fd)
+            _write_entries(new_fd, merged)
+            denial_fd = bpf.map_get_fd_by_id(d.denials.id) if d.denials else None
+            if denial_fd is not None:
+                fds.append(denial_fd)
+            if overlay:
+                assert d.base is not None
+                base_fd = bpf.map_get_fd_by_id(d.base.id)
+                fds.append(base_fd)
+                self._attach(d, [base_fd, new_fd], denial_fd)
+                self.dirs.pin(self.cgroup, PIN_OVERLAY, new_fd)
+            else:
+                self._attach(d, [new_fd], denial_fd)
+            change.installed = True
+            change.grew_to = size
+            return change
+        finally:
+            for fd in fds:
+                bpf.close(fd)
+
+    def release_pins(self) -> None:
+        """Drop this cgroup's pinned maps (the guest is gone or we are handing it back)."""
+        from .state import cgroup_id
+        self.dirs.unpin_cgroup_id(cgroup_id(self.cgroup))
+
+
+def _merge(current: Dict[int, int], rules: Sequence[Rule],
+           mode: str) -> Tuple[Dict[int, int], Change]:
+    """New map content after granting ``rules`` on top of ``current``."""
+    merged_set = _ruleset(current)
+    change = Change(mode)
+    for rule in rules:
+        before = merged_set.entries.get(rule.key)
+        after = merged_set.add(rule)
+        (change.unchanged if before == after else change.changed).append(after)
+    change.conflicts = merged_set.conflicts
+    merged = dict(current)
+    for key, rule in merged_set.entries.items():
+        merged[key] = rule.value
+    return merged, change
+
+
+def _diff(current: Dict[int, int], merged: Dict[int, int]) -> List[int]:
+    return [k for k, v in merged.items() if current.get(k) != v]
+
+
+def _map_covers(entries: Dict[int, int], rule: Rule) -> bool:
+    """Would a map allow everything ``rule`` allows? Only keys at least as wide count."""
+    wanted = rule.value
+    keys = [encode_key(None, None)]
+    if rule.major is not None:
+        keys.append(encode_key(rule.major, None))
+    if rule.minor is not None:
+        keys.append(encode_key(None, rule.minor))
+    if rule.major is not None and rule.minor is not None:
+        keys.append(encode_key(rule.major, rule.minor))
+    if rule.major is None or rule.minor is None:
+        keys = [k for k in keys if _key_covers(k, rule)]
+    return any(entries.get(k, 0) & wanted == wanted for k in keys)
+
+
+def _key_covers(key: int, rule: Rule) -> bool:
+    major, minor = key >> 32, key & 0xFFFFFFFF
+    return ((major == 0xFFFFFFFF or rule.major is not None and major == rule.major)
+            and (minor == 0xFFFFFFFF or rule.minor is not None and minor == rule.minor))
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
