@@ -221,7 +221,7 @@ class DeviceFilter:
                 change.unchanged = rules
                 return change
             with det.opened(bpf.map_get_fd_by_id(map_id)) as fd:
-                current = _ruleset(read_entries(fd))
+                current = _ruleset(_lookup_keys(fd, rules))
                 for rule in rules:
                     before = current.entries.get(rule.key)
                     after = current.remove(rule)
@@ -363,48 +363,65 @@ class DeviceFilter:
                 bpf.close(fd)
 
     def _grow_or_update(self, d: Detection, rules: Sequence[Rule], overlay: bool) -> Change:
-        """Own base map or attached overlay: update in place, or grow and swap programs."""
+        """Own base map or attached overlay: update in place, or grow and swap programs.
+
+        Only the keys being granted are read (one lookup each), so a grant costs the same
+        whatever the map holds. If the map fills up midway, or the swap fails, every entry
+        this call wrote is put back as it was: the guest keeps its old, working filter.
+        """
         view: MapView | None = d.overlay if overlay else d.base
         assert view is not None
         fds: List[int] = []
         try:
             target_fd = bpf.map_get_fd_by_id(view.id)
             fds.append(target_fd)
-            current = read_entries(target_fd)
+            current = _lookup_keys(target_fd, rules)
             merged, change = _merge(current, rules, d.mode)
-            if len(merged) <= view.max_entries:
-                for key in _diff(current, merged):
-                    try:
-                        bpf.map_update(target_fd, bpf.key_bytes(key),
-                                       bpf.value_bytes(merged[key]))
-                    except bpf.BpfError as exc:
-                        if exc.errno != errno.E2BIG:
-                            raise
-                        break  # full after all (a concurrent writer?): grow below
-                else:
+            written: Dict[int, int | None] = {}
+            try:
+                if self._update_in_place(target_fd, current, merged, written):
                     return change
-            size = _size_for(len(merged), view.max_entries * 2)
-            new_fd = devprog.create_rule_map(
-                devprog.OVERLAY_MAP_NAME if overlay else devprog.BASE_MAP_NAME, size)
-            fds.append(new_fd)
-            _write_entries(new_fd, merged)
-            denial_fd = bpf.map_get_fd_by_id(d.denials.id) if d.denials else None
-            if denial_fd is not None:
-                fds.append(denial_fd)
-            if overlay:
-                assert d.base is not None
-                base_fd = bpf.map_get_fd_by_id(d.base.id)
-                fds.append(base_fd)
-                self._attach(d, [base_fd, new_fd], denial_fd)
-                self.dirs.pin(self.cgroup, PIN_OVERLAY, new_fd)
-            else:
-                self._attach(d, [new_fd], denial_fd)
+                entries = read_entries(target_fd)
+                entries.update(merged)
+                size = _size_for(len(entries), view.max_entries * 2)
+                new_fd = devprog.create_rule_map(
+                    devprog.OVERLAY_MAP_NAME if overlay else devprog.BASE_MAP_NAME, size)
+                fds.append(new_fd)
+                _write_entries(new_fd, entries)
+                denial_fd = bpf.map_get_fd_by_id(d.denials.id) if d.denials else None
+                if denial_fd is not None:
+                    fds.append(denial_fd)
+                if overlay:
+                    assert d.base is not None
+                    base_fd = bpf.map_get_fd_by_id(d.base.id)
+                    fds.append(base_fd)
+                    self._attach(d, [base_fd, new_fd], denial_fd)
+                    self.dirs.pin(self.cgroup, PIN_OVERLAY, new_fd)
+                else:
+                    self._attach(d, [new_fd], denial_fd)
+            except BaseException:
+                _restore(target_fd, written)
+                raise
             change.installed = True
             change.grew_to = size
             return change
         finally:
             for fd in fds:
                 bpf.close(fd)
+
+    @staticmethod
+    def _update_in_place(map_fd: int, current: Dict[int, int], merged: Dict[int, int],
+                         written: Dict[int, int | None]) -> bool:
+        """Write the changed keys; False when the map is full (the caller grows it)."""
+        for key in _diff(current, merged):
+            try:
+                bpf.map_update(map_fd, bpf.key_bytes(key), bpf.value_bytes(merged[key]))
+            except bpf.BpfError as exc:
+                if exc.errno == errno.E2BIG:
+                    return False
+                raise
+            written[key] = current.get(key)
+        return True
 
     def release_pins(self) -> None:
         """Drop this cgroup's pinned maps (the guest is gone or we are handing it back)."""
@@ -426,6 +443,25 @@ def _merge(current: Dict[int, int], rules: Sequence[Rule],
     for key, rule in merged_set.entries.items():
         merged[key] = rule.value
     return merged, change
+
+
+def _lookup_keys(map_fd: int, rules: Sequence[Rule]) -> Dict[int, int]:
+    """Current values of the keys ``rules`` touch (absent keys are left out)."""
+    found: Dict[int, int] = {}
+    for key in {rule.key for rule in rules}:
+        raw = bpf.map_lookup(map_fd, bpf.key_bytes(key), devprog.RULE_VALUE_SIZE)
+        if raw is not None:
+            found[key] = bpf.parse_value(raw)
+    return found
+
+
+def _restore(map_fd: int, written: Dict[int, int | None]) -> None:
+    """Undo our writes: old values back, keys we added deleted."""
+    for key, old in written.items():
+        if old is None:
+            bpf.map_delete(map_fd, bpf.key_bytes(key))
+        else:
+            bpf.map_update(map_fd, bpf.key_bytes(key), bpf.value_bytes(old))
 
 
 def _diff(current: Dict[int, int], merged: Dict[int, int]) -> List[int]:

@@ -10,12 +10,12 @@ import logging
 import logging.handlers
 import os
 import sys
-from typing import Optional, TextIO
+from typing import TextIO
 
 LOGGER_NAME = "libvirt-bpfcg"
 
 
-def setup(verbose: bool = False, stream: Optional[TextIO] = None,
+def setup(verbose: bool = False, stream: TextIO | None = None,
           use_syslog: bool = True) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()

@@ -28,7 +28,7 @@ import os
 import platform
 import resource
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
 
 from ..errors import OperationError
@@ -171,7 +171,10 @@ _ERRNO_WORDS: Dict[Tuple[str | None, int], str] = {
     ),
     ("BPF_PROG_ATTACH", errno_mod.E2BIG): "too many programs attached to the cgroup (max 64)",
     ("BPF_PROG_ATTACH", errno_mod.ENOENT): "the program to replace is not attached",
-    ("BPF_PROG_ATTACH", errno_mod.EINVAL): "invalid attach request (type or flags)",
+    ("BPF_PROG_ATTACH", errno_mod.EINVAL): (
+        "invalid attach request (attach type or flags; or expected_revision on a kernel "
+        "without cgroup revision support)"
+    ),
     ("BPF_PROG_DETACH", errno_mod.ENOENT): "program not attached to this cgroup",
     ("BPF_PROG_QUERY", errno_mod.ENOSPC): "more programs attached than room for their ids",
     ("BPF_PROG_GET_FD_BY_ID", errno_mod.ENOENT): "no such object (program freed?)",
@@ -206,6 +209,8 @@ def explain_errno(op: str, err: int) -> str:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
 
 
 def _syscall_number() -> int:
@@ -431,7 +436,8 @@ def prog_load(
             return _prog_load_once(prog_type, insns, license, name, expected_attach_type,
                                    _VERIFIER_LOG_SIZE)
         except BpfError as second:
-            raise second from None
+            # Report the first attempt's errno: the retry can only add ENOSPC (log too short).
+            raise BpfError(first.op, first.errno, first.detail, second.log) from None
 
 
 def _prog_load_once(prog_type: int, insns: bytes, license: str, name: str,
@@ -468,10 +474,11 @@ def prog_attach(
     """BPF_PROG_ATTACH. flags 0 is exclusive and atomically replaces a flags-0 program.
 
     ``replace_prog_fd`` needs BPF_F_REPLACE in ``flags`` (ALLOW_MULTI only).
-    ``expected_revision`` (kernel cgroup mprog support, 6.16+ here tested on 6.18) makes the
-    attach fail with ESTALE when the cgroup's program list changed since the query that
-    returned that revision; 0 means "no check". Kernels before 6.6 reject a non-zero value
-    with EINVAL; 6.6 - 6.15 ignore it for cgroups.
+    ``expected_revision`` makes the attach fail with ESTALE when the cgroup's program list
+    changed since the query that returned that revision; 0 means "no check" (libvirt's way).
+    It needs the kernel's cgroup mprog support (tested on 6.18): older kernels report revision
+    0 from prog_query and refuse a non-zero expected_revision with EINVAL, so pass only what
+    the query returned.
     """
     op = "BPF_PROG_ATTACH"
     _check_fd(op, target_fd, "target fd")
@@ -579,7 +586,6 @@ class ProgInfo:
     run_time_ns: int = 0  # filled only while BPF_ENABLE_STATS is in force
     run_cnt: int = 0
     verified_insns: int = 0
-    extra: Dict[str, int] = field(default_factory=dict)
 
 
 def prog_info(fd: int) -> ProgInfo:
@@ -689,8 +695,6 @@ def ensure_bpffs(path: str = "/sys/fs/bpf") -> str:
     if is_bpffs_mounted(path):
         return path
     os.makedirs(path, mode=0o700, exist_ok=True)
-    _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                            ctypes.c_ulong, ctypes.c_char_p]
     ret = _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700")
     if ret != 0:
         err = ctypes.get_errno()
