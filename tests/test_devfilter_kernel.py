@@ -349,3 +349,25 @@ def test_status_lists_rules_devices_capacity_and_denials(scratch_cgroup, node_di
     if devprog.denials_supported():
         (den,) = status["denials"]
         assert den["rule"] == "c 240:77" and den["count"] == 2 and den["access"] == "r"
+
+
+def test_failed_growth_leaves_the_old_filter(scratch_cgroup, node_dir, dirs, mocker):
+    """A crash point between filling the new map and attaching: the old program, its map and
+    exactly the old grants stay; nothing of the failed call is left enforced."""
+    f = DeviceFilter(scratch_cgroup, dirs)
+    old = [Rule("c", 252, i, "rw") for i in range(64)]
+    f.grant(old)
+    prog_before = attached_ids(scratch_cgroup)
+    entries_before = sorted(str(r) for r, _m in f.rules())
+    mocker.patch.object(devprog, "load_device_program",
+                        side_effect=bpf.BpfError("BPF_PROG_LOAD", errno.ENOMEM, "injected"))
+    new = [Rule("c", 253, i, "rw") for i in range(10)]
+    with pytest.raises(bpf.BpfError, match="injected"):
+        f.grant(new)
+    mocker.stopall()
+    assert attached_ids(scratch_cgroup) == prog_before
+    assert sorted(str(r) for r, _m in f.rules()) == entries_before
+    old_node, new_node = nodes(node_dir, "c 252:63", "c 253:0")
+    assert opens(scratch_cgroup, [old_node, new_node]) == [True, False]
+    f.grant(new)  # and the next call converges
+    assert opens(scratch_cgroup, [old_node, new_node]) == [True, True]

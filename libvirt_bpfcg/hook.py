@@ -1,0 +1,235 @@
+"""The libvirt QEMU hook: ``run(argv, stdin)``, called by ``hooks/qemu``.
+
+The op table is DESIGN §3. What each op does here:
+
+* ``prepare begin``   plan the domain, refuse forbidden / missing required devices (our stderr
+                      line becomes libvirt's error), keep the plan under the domain's UUID;
+* ``started begin``   find the guest cgroup from QEMU's pid and install: the whole plan in own
+                      mode, the extras (overlay) in libvirt mode; refuse foreign filters;
+* ``reconnect begin`` the same, reconciling after a daemon restart — but a failing reconnect
+                      hook makes libvirt kill the running guest, so errors are logged and we
+                      exit 0 unless ``strict`` is configured;
+* ``release end``     drop our state and pins of cgroups that are gone;
+* ``migrate begin`` / ``restore begin``  validate only (these are filters: print nothing).
+
+stdout stays empty whatever happens (scripts in qemu.d are chained through it) and no
+traceback ever reaches libvirt: every failure is one line on stderr and in syslog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import BinaryIO, Dict, List, Sequence, TextIO
+
+from . import log
+from .errors import EXIT_FAILED, BpfcgError, InputError
+
+OPS = {
+    ("prepare", "begin"): "prepare",
+    ("started", "begin"): "started",
+    ("reconnect", "begin"): "reconnect",
+    ("release", "end"): "release",
+    ("migrate", "begin"): "validate",
+    ("restore", "begin"): "validate",
+}
+MAX_XML_BYTES = 64 * 1024 * 1024  # a domain XML is KBs; refuse to buffer absurd input
+
+logger = logging.getLogger(log.LOGGER_NAME)
+
+
+@dataclass
+class DomainPlan:
+    """What the hook keeps between ``prepare`` and ``started`` (JSON in the state dir)."""
+
+    name: str
+    uuid: str
+    rules: List[str]  # every rule the guest needs (own mode installs these)
+    extra_rules: List[str]  # from our <metadata> extras (libvirt mode installs these)
+    extra_nodes: List[Dict[str, str]] = field(default_factory=list)  # {"path", "rule"}
+    warnings: List[str] = field(default_factory=list)
+    planned_at: float = 0.0
+
+    def to_json(self) -> Dict[str, object]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, object]) -> DomainPlan:
+        return cls(**data)  # type: ignore[arg-type]
+
+
+def run(argv: Sequence[str], stdin: BinaryIO, stderr: TextIO | None = None) -> int:
+    """Entry point: never raises, never writes to stdout."""
+    stderr = stderr or sys.stderr
+    real_stdout = sys.stdout
+    sys.stdout = stderr  # anything printed by accident must not reach libvirt's XML filter
+    try:
+        log.setup(stream=stderr, use_syslog=True)
+        return _dispatch(list(argv), stdin)
+    except BpfcgError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the hook must never show libvirt a traceback
+        logger.error("internal error: %s: %s", type(exc).__name__, exc)
+        return EXIT_FAILED
+    finally:
+        sys.stdout = real_stdout
+
+
+def _dispatch(argv: List[str], stdin: BinaryIO) -> int:
+    if len(argv) < 4:
+        return 0
+    name, op = argv[1], OPS.get((argv[2], argv[3]))
+    if op is None:
+        return 0
+    from .config import load_config  # only now: ignored ops stay import-free
+
+    config = load_config(os.environ.get("LIBVIRT_BPFCG_CONFIG"))
+    hook = Hook(config, name)
+    if op == "release":
+        return hook.release(_read_xml(stdin))
+    xml = _read_xml(stdin)
+    if op == "prepare":
+        return hook.prepare(xml)
+    if op == "validate":
+        hook.plan(xml, save=False)
+        return 0
+    if op == "started":
+        return hook.install(xml, reconnect=False)
+    try:
+        return hook.install(xml, reconnect=True)
+    except Exception as exc:  # noqa: BLE001
+        if hook.strict:
+            raise
+        message = str(exc) if isinstance(exc, BpfcgError) else f"{type(exc).__name__}: {exc}"
+        logger.error("domain %s: reconnect: %s (guest left running; set strict = true in "
+                     "[hook] to stop it instead)", name, message)
+        return 0
+
+
+def _read_xml(stdin: BinaryIO) -> bytes:
+    data = stdin.read(MAX_XML_BYTES + 1)
+    if len(data) > MAX_XML_BYTES:
+        raise InputError(f"domain XML on stdin is larger than {MAX_XML_BYTES} bytes")
+    return data
+
+
+class Hook:
+    def __init__(self, config: object, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.strict = bool(getattr(config, "strict", False))
+        self.state_dir = str(getattr(config, "state_dir", "/run/libvirt-bpfcg"))
+
+    # -- plan -------------------------------------------------------------------------------
+
+    def plan(self, xml: bytes, save: bool) -> DomainPlan:
+        from .hookplan import plan_for_hook
+
+        plan = plan_for_hook(xml, self.config, self.name)
+        for warning in plan.warnings:
+            logger.warning("domain %s: %s", self.name, warning)
+        if save:
+            self._save(plan)
+        return plan
+
+    def prepare(self, xml: bytes) -> int:
+        self.plan(xml, save=True)
+        return 0
+
+    def _plan_path(self, uuid: str) -> str:
+        safe = "".join(ch for ch in uuid.lower() if ch in "0123456789abcdef-")
+        if len(safe) != 36:
+            raise InputError(f"domain {self.name}: bad UUID {uuid!r} in the domain XML")
+        return os.path.join(self.state_dir, "domains", safe + ".json")
+
+    def _save(self, plan: DomainPlan) -> None:
+        from .state import make_private_dir
+
+        path = self._plan_path(plan.uuid)
+        make_private_dir(os.path.dirname(path))
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(plan.to_json(), handle)
+        os.replace(tmp, path)
+
+    def _load(self, uuid: str) -> DomainPlan | None:
+        try:
+            with open(self._plan_path(uuid), encoding="utf-8") as handle:
+                return DomainPlan.from_json(json.load(handle))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    # -- install ----------------------------------------------------------------------------
+
+    def install(self, xml: bytes, reconnect: bool) -> int:
+        from . import cgroup as cg
+        from . import detect as det
+        from .bpf import sys as bpf
+        from .devfilter import DeviceFilter
+        from .rules import Rule
+        from .state import StateDirs
+
+        # The live XML is the truth at reconnect (hotplug may have changed it); at started
+        # the plan kept by prepare is reused, re-planned only if it is missing.
+        plan = self.plan(xml, save=True) if reconnect else None
+        if plan is None:
+            from .hookplan import uuid_of
+
+            plan = self._load(uuid_of(xml)) or self.plan(xml, save=True)
+        run_dir = str(getattr(self.config, "qemu_run_dir", cg.DEFAULT_QEMU_RUN_DIR))
+        pid = cg.domain_pid(self.name, run_dir)
+        directory = cg.guest_cgroup_of_pid(pid, f"domain {self.name}")
+        bpf.raise_memlock()
+        dirs = StateDirs(state_dir=self.state_dir,
+                         bpffs=str(getattr(self.config, "bpffs", "/sys/fs/bpf")))
+        dfilter = DeviceFilter(directory, dirs, what=f"domain {self.name}",
+                               record_denials=bool(getattr(self.config, "record_denials", True)))
+        mode = dfilter.mode
+        op = "reconnect" if reconnect else "started"
+        if mode == det.MODE_FOREIGN:
+            raise BpfcgError(f"domain {self.name}: {dfilter.detect().reason}")
+        if mode in (det.MODE_NONE, det.MODE_OWN):
+            change = dfilter.grant([Rule.parse(r) for r in plan.rules])
+        else:
+            change = dfilter.grant([Rule.parse(r) for r in plan.extra_rules])
+        if change.changed or change.installed:
+            logger.info("domain %s: %s: %s mode, %d rule(s) set%s", self.name, op, change.mode,
+                        len(change.changed), ", program installed" if change.installed else "")
+        for old, new in change.conflicts:
+            logger.warning("domain %s: %s and %s share one map key; only the access both ask "
+                           "for is allowed", self.name, old, new)
+        if plan.extra_nodes and getattr(self.config, "create_extra_nodes", True):
+            from .nsdev import create_nodes_in_namespace
+
+            for message in create_nodes_in_namespace(pid, plan.extra_nodes):
+                logger.warning("domain %s: %s", self.name, message)
+        return 0
+
+    # -- release ----------------------------------------------------------------------------
+
+    def release(self, xml: bytes) -> int:
+        """Drop our plan and collect pins whose cgroup is gone. Failures only log: libvirt
+        ignores this op's exit status anyway."""
+        try:
+            from .hookplan import uuid_of
+
+            path = self._plan_path(uuid_of(xml))
+            if os.path.exists(path):
+                os.unlink(path)
+        except (BpfcgError, OSError) as exc:
+            logger.warning("domain %s: release: %s", self.name, exc)
+        try:
+            from .cgroup import cgroup2_root
+            from .state import StateDirs
+
+            dirs = StateDirs(state_dir=self.state_dir,
+                             bpffs=str(getattr(self.config, "bpffs", "/sys/fs/bpf")))
+            dirs.collect_stale_pins(cgroup2_root())
+        except (BpfcgError, OSError) as exc:
+            logger.warning("domain %s: release: collecting pins: %s", self.name, exc)
+        return 0
