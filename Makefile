@@ -3,13 +3,13 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean deb rpm man completion
 
 setup:
 	./scripts/setup-dev.sh
 
 demo: setup
-	$(PY) -m libvirt_bpfcg.demo
+	$(PY) scripts/demo.py
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -19,6 +19,21 @@ lint: setup
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# Packages and generated docs (README "Packages"): built from this checkout into dist/.
+deb:
+	./packaging/build-deb.sh
+
+rpm:
+	./packaging/build-rpm.sh
+
+man:
+	mkdir -p dist && /usr/bin/python3 -m libvirt_bpfcg.manpage > dist/libvirt-bpfcg.8.tmp && \
+		mv dist/libvirt-bpfcg.8.tmp dist/libvirt-bpfcg.8
+
+completion:
+	mkdir -p dist && /usr/bin/python3 -m libvirt_bpfcg.completion > dist/libvirt-bpfcg.bash.tmp && \
+		mv dist/libvirt-bpfcg.bash.tmp dist/libvirt-bpfcg.bash
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache

@@ -52,8 +52,22 @@ class DeviceNames:
             return None
         return _devname(self.sysfs, _KIND_DIR[dev_type], major, minor)
 
+    def _driver(self, dev_type: str, major: int) -> str | None:
+        """The /proc/devices name of a major ("pts" for c 136), for nodes sysfs lacks."""
+        try:
+            from .rules import read_proc_devices
+            for typ, number, name in read_proc_devices():
+                if typ == dev_type and number == major:
+                    return name
+        except Exception:  # noqa: BLE001 - display only
+            return None
+        return None
+
     def for_rule(self, rule: Rule, limit: int = 16) -> List[str]:
-        """Names of the device nodes a rule covers, at most ``limit`` (wildcards can be many)."""
+        """Names of the device nodes a rule covers, at most ``limit`` (wildcards can be many).
+
+        Nodes without a sysfs entry (the pts of ``c 136:*``) are shown by driver name,
+        ``[pts]``."""
         types = ("b", "c") if rule.type == "a" else (rule.type,)
         names: List[str] = []
         for dev_type in types:
@@ -72,4 +86,8 @@ class DeviceNames:
                 if len(names) >= limit:
                     names.append("…")
                     return names
+            if not names and rule.major is not None and rule.minor is None:
+                driver = self._driver(dev_type, rule.major)
+                if driver:
+                    names.append(f"[{driver}]")
         return names
