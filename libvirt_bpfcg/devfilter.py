@@ -27,6 +27,7 @@ from .cgroup import cgroup2_root, check_guest_cgroup, is_mount_root
 from .detect import Detection, MapView
 from .devnames import DeviceNames
 from .errors import OperationError
+from .grants import GrantStore
 from .rules import Rule, RuleSet, access_string, encode_key
 from .state import StateDirs
 
@@ -152,6 +153,7 @@ class DeviceFilter:
             if view is not None:
                 used = sum(1 for _r, m in rules if m == label)
                 capacity[label] = {"used": used, "max": view.max_entries}
+        runtime = self.runtime_grants()
         boot_offset = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
         denials = []
         for item in self.denials():
@@ -171,41 +173,63 @@ class DeviceFilter:
             "reason": d.reason,
             "overlay_installed": d.overlay_installed,
             "programs": [p.to_json() for p in d.programs],
-            "rules": [{"rule": str(r), "map": m, "devices": names.for_rule(r)} for r, m in rules],
+            "rules": [{"rule": str(r), "map": m, "devices": names.for_rule(r),
+                       "runtime_grant": any(g.key == r.key for g in runtime)}
+                      for r, m in rules],
             "capacity": capacity,
             "denials": denials,
         }
 
     # -- changes ------------------------------------------------------------------------------
 
-    def grant(self, rules: Iterable[Rule]) -> Change:
+    @property
+    def grants(self) -> GrantStore:
+        return GrantStore(self.dirs.state_dir)
+
+    def runtime_grants(self) -> List[Rule]:
+        """Rules an admin added with ``allow`` to this cgroup (kept until revoked)."""
+        return self.grants.get(self.cgroup)
+
+    def grant(self, rules: Iterable[Rule], remember: bool = False) -> Change:
+        """Grant ``rules``; ``remember`` records them as runtime grants that every later
+        reconcile keeps (``allow``), as opposed to rules derived from the domain."""
         rules = list(rules)
         with self.dirs.lock(self.cgroup):
-            for _attempt in range(ATTACH_RETRIES):
-                d = self.detect()
-                self._refuse_foreign(d)
-                self._refuse_ancestors(rules)
-                try:
-                    if d.mode == det.MODE_NONE:
-                        return self._create_own(d, rules)
-                    if d.mode == det.MODE_OWN:
-                        return self._grow_or_update(d, rules, overlay=False)
-                    return self._grant_libvirt(d, rules)
-                except bpf.BpfError as exc:
-                    if exc.errno != errno.ESTALE:
-                        raise
-                    continue  # libvirt swapped programs under us: re-detect and redo
-            raise OperationError(f"{self.what}: the cgroup's programs kept changing during "
-                                 f"{ATTACH_RETRIES} attempts; try again")
+            change = self._grant_locked(rules)
+            if remember and rules:
+                self.grants.add(self.cgroup, rules)
+            return change
+
+    def _grant_locked(self, rules: List[Rule]) -> Change:
+        for _attempt in range(ATTACH_RETRIES):
+            d = self.detect()
+            self._refuse_foreign(d)
+            self._refuse_ancestors(rules)
+            try:
+                if d.mode == det.MODE_NONE:
+                    return self._create_own(d, rules)
+                if d.mode == det.MODE_OWN:
+                    return self._grow_or_update(d, rules, overlay=False)
+                return self._grant_libvirt(d, rules)
+            except bpf.BpfError as exc:
+                if exc.errno != errno.ESTALE:
+                    raise
+                continue  # libvirt swapped programs under us: re-detect and redo
+        raise OperationError(f"{self.what}: the cgroup's programs kept changing during "
+                             f"{ATTACH_RETRIES} attempts; try again")
 
     def ensure_overlay(self) -> Change:
         """libvirt mode: make sure our program (overlay + denials) sits on libvirt's current
         map, re-installing it after libvirt replaced it. No-op in other modes."""
         return self.grant([])
 
-    def revoke(self, rules: Iterable[Rule]) -> Change:
+    def revoke(self, rules: Iterable[Rule], forget: bool = True) -> Change:
+        """Take ``rules`` away (from our map or overlay only); ``forget`` also drops them from
+        the runtime grants."""
         rules = list(rules)
         with self.dirs.lock(self.cgroup):
+            if forget:
+                self.grants.remove(self.cgroup, rules)
             d = self.detect()
             if d.mode == det.MODE_FOREIGN:
                 raise OperationError(f"{self.what}: {d.reason}")

@@ -371,3 +371,16 @@ def test_failed_growth_leaves_the_old_filter(scratch_cgroup, node_dir, dirs, moc
     assert opens(scratch_cgroup, [old_node, new_node]) == [True, False]
     f.grant(new)  # and the next call converges
     assert opens(scratch_cgroup, [old_node, new_node]) == [True, True]
+
+
+def test_runtime_grants_are_remembered_until_revoked(scratch_cgroup, dirs):
+    f = DeviceFilter(scratch_cgroup, dirs)
+    f.grant([R("c 1:3 rw")])  # derived from a domain: not a runtime grant
+    f.grant([R("c 240:90 rw")], remember=True)
+    assert [str(r) for r in f.runtime_grants()] == ["c 240:90 rw"]
+    marks = {r["rule"]: r["runtime_grant"] for r in f.status()["rules"]}
+    assert marks == {"c 1:3 rw": False, "c 240:90 rw": True}
+    path = os.path.join(dirs.state_dir, "grants", f"{os.stat(scratch_cgroup).st_ino}.json")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600", "state files are root-only"
+    f.revoke([R("c 240:90 rw")])
+    assert f.runtime_grants() == [] and not os.path.exists(path)

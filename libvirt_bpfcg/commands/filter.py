@@ -91,7 +91,7 @@ def _report(change: Change, verb: str, args: argparse.Namespace, out: TextIO) ->
 def run_allow(args: argparse.Namespace, out: TextIO) -> int:
     rules = _parse_rules(args.rules)
     bpf.raise_memlock()
-    change = open_filter(args).grant(rules)
+    change = open_filter(args).grant(rules, remember=True)
     return _report(change, "allowed", args, out)
 
 
@@ -124,7 +124,8 @@ def run_status(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"rules ({len(rules)}):\n")  # type: ignore[arg-type]
     for item in rules:  # type: ignore[union-attr]
         devices = " ".join(item["devices"]) if item["devices"] else "-"
-        out.write(f"  {item['rule']:<18} {item['map']:<8} {devices}\n")
+        runtime = " (runtime grant)" if item.get("runtime_grant") else ""
+        out.write(f"  {item['rule']:<18} {item['map']:<8} {devices}{runtime}\n")
     denials = status["denials"]
     out.write(f"denials ({len(denials)}):\n")  # type: ignore[arg-type]
     for item in denials:  # type: ignore[union-attr]
