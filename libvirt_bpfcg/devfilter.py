@@ -16,6 +16,8 @@ are safe for the guest:
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Sequence, Tuple
@@ -52,6 +54,16 @@ class Change:
     conflicts: List[Tuple[Rule, Rule]] = field(default_factory=list)  # b/c sharing a key
     installed: bool = False  # a program was (re)attached
     grew_to: int | None = None  # new map size when the map grew
+
+
+def crash_point(name: str) -> None:
+    """Test-only: SIGKILL this process at the named step when BPFCG_CRASH_AT names it.
+
+    The stress tests (issue 7) kill the engine between every pair of kernel operations and
+    check that the guest's filter is still whole. One environment lookup when unset.
+    """
+    if os.environ.get("BPFCG_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _size_for(count: int, current: int) -> int:
@@ -255,6 +267,7 @@ class DeviceFilter:
                     key = bpf.key_bytes(rule.key)
                     if after is None:
                         bpf.map_delete(fd, key)
+                        crash_point("revoke-after-delete")
                     else:
                         bpf.map_update(fd, key, bpf.value_bytes(after.value))
                     change.changed.append(rule)
@@ -305,11 +318,13 @@ class DeviceFilter:
     def _attach(self, d: Detection, map_fds: Sequence[int], denial_fd: int | None) -> int:
         """Load our program over ``map_fds`` and swap it in; return the new program id."""
         prog_fd = devprog.load_device_program(map_fds, denial_fd)
+        crash_point("after-load")
         try:
             self._check_map_order(prog_fd, map_fds, denial_fd)
             with det.opened(bpf.open_cgroup(self.cgroup)) as cg_fd:
                 bpf.prog_attach(cg_fd, prog_fd, bpf.BPF_CGROUP_DEVICE, 0,
                                 expected_revision=d.revision)
+                crash_point("after-attach")
                 prog_id = bpf.prog_info(prog_fd).id
                 after = bpf.prog_query(cg_fd, bpf.BPF_CGROUP_DEVICE)
             if after.prog_ids != [prog_id]:
@@ -340,6 +355,7 @@ class DeviceFilter:
         denial_fd = None
         try:
             _write_entries(base_fd, wanted.as_map())
+            crash_point("create-after-fill")
             denial_fd = self._denial_fd(d, pinned=False)
             self._attach(d, [base_fd], denial_fd)
             change.installed = True
@@ -376,7 +392,9 @@ class DeviceFilter:
                 fds.append(denial_fd)
             base_fd = bpf.map_get_fd_by_id(d.base.id)
             fds.append(base_fd)
+            crash_point("overlay-after-fill")
             self._attach(d, [base_fd, overlay_fd], denial_fd)
+            crash_point("overlay-before-pin")
             self.dirs.pin(self.cgroup, PIN_OVERLAY, overlay_fd)
             if denial_fd is not None:
                 self.dirs.pin(self.cgroup, PIN_DENIALS, denial_fd)
@@ -412,6 +430,7 @@ class DeviceFilter:
                     devprog.OVERLAY_MAP_NAME if overlay else devprog.BASE_MAP_NAME, size)
                 fds.append(new_fd)
                 _write_entries(new_fd, entries)
+                crash_point("grow-after-fill")
                 denial_fd = bpf.map_get_fd_by_id(d.denials.id) if d.denials else None
                 if denial_fd is not None:
                     fds.append(denial_fd)
@@ -423,6 +442,7 @@ class DeviceFilter:
                     self.dirs.pin(self.cgroup, PIN_OVERLAY, new_fd)
                 else:
                     self._attach(d, [new_fd], denial_fd)
+                crash_point("grow-before-release")
             except BaseException:
                 _restore(target_fd, written)
                 raise
