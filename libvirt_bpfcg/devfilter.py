@@ -367,7 +367,10 @@ class DeviceFilter:
 
     def _grant_libvirt(self, d: Detection, rules: Sequence[Rule]) -> Change:
         if d.overlay_installed:
-            return self._grow_or_update(d, rules, overlay=True)
+            change = self._grow_or_update(d, rules, overlay=True)
+            if not change.installed:
+                self._repin(d)
+            return change
         # libvirt's program is attached (first install, or libvirt replaced ours when its map
         # grew): put our program on libvirt's live map, reusing pinned overlay and denials.
         assert d.base is not None
@@ -404,6 +407,15 @@ class DeviceFilter:
             for fd in fds:
                 bpf.close(fd)
 
+    def _repin(self, d: Detection) -> None:
+        """Pin the attached overlay and denial maps if the pins are missing or stale (a run
+        killed between attach and pin): libvirt's next growth would otherwise free them."""
+        for name, view in ((PIN_OVERLAY, d.overlay), (PIN_DENIALS, d.denials)):
+            if view is None or self._pinned_id(name) == view.id:
+                continue
+            with det.opened(bpf.map_get_fd_by_id(view.id)) as fd:
+                self.dirs.pin(self.cgroup, name, fd)
+
     def _grow_or_update(self, d: Detection, rules: Sequence[Rule], overlay: bool) -> Change:
         """Own base map or attached overlay: update in place, or grow and swap programs.
 
@@ -423,6 +435,10 @@ class DeviceFilter:
             try:
                 if self._update_in_place(target_fd, current, merged, written):
                     return change
+                # Full: take back what we wrote before building the bigger copy, so that a
+                # kill at any point of the growth leaves exactly the old filter enforced.
+                _restore(target_fd, written)
+                written.clear()
                 entries = read_entries(target_fd)
                 entries.update(merged)
                 size = _size_for(len(entries), view.max_entries * 2)
