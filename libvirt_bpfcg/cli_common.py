@@ -20,12 +20,29 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_state_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--qemu-run-dir", default=DEFAULT_QEMU_RUN_DIR, metavar="DIR",
+    """Host paths: from the config file unless given here (the hook reads the same file)."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="configuration file (default /etc/libvirt/libvirt-bpfcg.conf)")
+    parser.add_argument("--qemu-run-dir", metavar="DIR",
                         help=f"libvirt's QEMU pid files (default {DEFAULT_QEMU_RUN_DIR})")
-    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
-                        help=f"locks and plans (default {DEFAULT_STATE_DIR})")
-    parser.add_argument("--bpffs", default=DEFAULT_BPFFS, metavar="DIR",
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help=f"locks, plans and runtime grants (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--bpffs", metavar="DIR",
                         help=f"bpf file system for pinned maps (default {DEFAULT_BPFFS})")
+
+
+def resolve_state_arguments(args: argparse.Namespace) -> None:
+    """Fill the host paths not given on the command line from the config file."""
+    from .config import load_config
+
+    config = load_config(args.config)
+    if args.qemu_run_dir is None:
+        args.qemu_run_dir = config.qemu_run_dir
+    if args.state_dir is None:
+        args.state_dir = config.state_dir
+    if args.bpffs is None:
+        args.bpffs = config.bpffs
+    args.loaded_config = config
 
 
 def print_json(data: Any, out: TextIO) -> None:

@@ -18,6 +18,8 @@ from .rules import TYPE_BITS, Rule, access_bits
 DEFAULT_CONFIG_PATH = "/etc/libvirt/libvirt-bpfcg.conf"
 DEFAULT_QEMU_CONF = "/etc/libvirt/qemu.conf"
 DEFAULT_STATE_DIR = "/run/libvirt-bpfcg"
+DEFAULT_QEMU_RUN_DIR = "/run/libvirt/qemu"
+DEFAULT_BPFFS = "/sys/fs/bpf"
 DEFAULT_STORAGE_DIRS = ("/run/libvirt/storage", "/etc/libvirt/storage")
 ACCESS_CHOICES = ("r", "rw", "rwm")
 
@@ -35,6 +37,11 @@ class Config:
     # [hook]
     strict: bool = False                       # reconnect failures kill the guest (see docs)
     state_dir: str = DEFAULT_STATE_DIR
+    record_denials: bool = True                # our program counts what it denies
+    create_extra_nodes: bool = True            # mknod extras in QEMU's private /dev
+    # [host]
+    qemu_run_dir: str = DEFAULT_QEMU_RUN_DIR   # libvirt's NAME.pid files
+    bpffs: str = DEFAULT_BPFFS                 # where overlay/denial maps are pinned
     # [host]
     sysfs_root: str = "/sys"
     proc_devices: str = "/proc/devices"
@@ -52,9 +59,11 @@ class Config:
 _SCHEMA: Dict[str, Dict[str, str]] = {
     "acl": {"default_acl": "acl", "qemu_conf": "path", "libvirt_version": "version"},
     "guardrails": {"allow_forbidden": "exceptions"},
-    "hook": {"strict": "bool", "state_dir": "path"},
+    "hook": {"strict": "bool", "state_dir": "path", "record_denials": "bool",
+             "create_extra_nodes": "bool"},
     "host": {"sysfs_root": "path", "proc_devices": "path", "mountinfo": "path",
-             "swaps": "path", "storage_dirs": "paths"},
+             "swaps": "path", "storage_dirs": "paths", "qemu_run_dir": "path",
+             "bpffs": "path"},
 }
 
 

@@ -23,10 +23,13 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import BinaryIO, Dict, List, Sequence, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Dict, List, Sequence, TextIO
 
 from . import log
 from .errors import EXIT_FAILED, BpfcgError, InputError
+
+if TYPE_CHECKING:  # the hook imports config (and lxml) only for ops it handles
+    from .config import Config
 
 OPS = {
     ("prepare", "begin"): "prepare",
@@ -118,11 +121,11 @@ def _read_xml(stdin: BinaryIO) -> bytes:
 
 
 class Hook:
-    def __init__(self, config: object, name: str) -> None:
+    def __init__(self, config: Config, name: str) -> None:
         self.config = config
         self.name = name
-        self.strict = bool(getattr(config, "strict", False))
-        self.state_dir = str(getattr(config, "state_dir", "/run/libvirt-bpfcg"))
+        self.strict = config.strict
+        self.state_dir = config.state_dir
 
     # -- plan -------------------------------------------------------------------------------
 
@@ -181,14 +184,13 @@ class Hook:
             from .hookplan import uuid_of
 
             plan = self._load(uuid_of(xml)) or self.plan(xml, save=True)
-        run_dir = str(getattr(self.config, "qemu_run_dir", cg.DEFAULT_QEMU_RUN_DIR))
+        run_dir = self.config.qemu_run_dir
         pid = cg.domain_pid(self.name, run_dir)
         directory = cg.guest_cgroup_of_pid(pid, f"domain {self.name}")
         bpf.raise_memlock()
-        dirs = StateDirs(state_dir=self.state_dir,
-                         bpffs=str(getattr(self.config, "bpffs", "/sys/fs/bpf")))
+        dirs = StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs)
         dfilter = DeviceFilter(directory, dirs, what=f"domain {self.name}",
-                               record_denials=bool(getattr(self.config, "record_denials", True)))
+                               record_denials=self.config.record_denials)
         mode = dfilter.mode
         op = "reconnect" if reconnect else "started"
         if mode == det.MODE_FOREIGN:
@@ -203,7 +205,7 @@ class Hook:
         for old, new in change.conflicts:
             logger.warning("domain %s: %s and %s share one map key; only the access both ask "
                            "for is allowed", self.name, old, new)
-        if plan.extra_nodes and getattr(self.config, "create_extra_nodes", True):
+        if plan.extra_nodes and self.config.create_extra_nodes:
             from .nsdev import create_nodes_in_namespace
 
             for message in create_nodes_in_namespace(pid, plan.extra_nodes):
@@ -213,7 +215,8 @@ class Hook:
     # -- release ----------------------------------------------------------------------------
 
     def release(self, xml: bytes) -> int:
-        """Drop our plan and collect pins whose cgroup is gone. Failures only log: libvirt
+        """Drop our plan, and the pins and runtime grants of cgroups that are gone (this one
+        was removed just before). Failures only log: libvirt
         ignores this op's exit status anyway."""
         try:
             from .hookplan import uuid_of
@@ -225,11 +228,12 @@ class Hook:
             logger.warning("domain %s: release: %s", self.name, exc)
         try:
             from .cgroup import cgroup2_root
+            from .grants import GrantStore
             from .state import StateDirs
 
-            dirs = StateDirs(state_dir=self.state_dir,
-                             bpffs=str(getattr(self.config, "bpffs", "/sys/fs/bpf")))
-            dirs.collect_stale_pins(cgroup2_root())
+            root = cgroup2_root()
+            StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs).collect_stale_pins(root)
+            GrantStore(self.state_dir).collect_stale(root)
         except (BpfcgError, OSError) as exc:
             logger.warning("domain %s: release: collecting pins: %s", self.name, exc)
         return 0

@@ -8,7 +8,7 @@ from typing import List, TextIO
 
 from .. import cgroup as cg
 from ..bpf import sys as bpf
-from ..cli_common import add_target_arguments, print_json
+from ..cli_common import add_target_arguments, print_json, resolve_state_arguments
 from ..devfilter import Change, DeviceFilter
 from ..errors import UsageError
 from ..rules import Rule, parse_rule_arg
@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_filter(args: argparse.Namespace) -> DeviceFilter:
+    resolve_state_arguments(args)
     dirs = StateDirs(state_dir=args.state_dir, bpffs=args.bpffs)
     if args.domain:
         directory = cg.domain_cgroup(args.domain, run_dir=args.qemu_run_dir)
