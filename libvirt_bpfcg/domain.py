@@ -82,7 +82,7 @@ class DeviceRef(NamedTuple):
     origin: str = ORIGIN_DOMAIN
     follow_dm: bool = False          # also allow device-mapper targets (disks, firmware)
     gate: str | None = None          # qemu.conf condition (sound)
-    late: bool = False               # the node may appear after the prepare hook
+    late: bool = False               # managed VFIO: the node may appear after prepare
 
 
 class DomainInfo(NamedTuple):
@@ -322,10 +322,6 @@ def _os_firmware(refs: _Refs, os_el: etree._Element) -> None:
 # Host devices
 
 
-_MANAGED_NOTE = ("managed='yes': libvirt binds the device to vfio-pci after the prepare "
-                 "hook, so the VFIO nodes may appear only then")
-
-
 def _vfio_group(refs: _Refs, source: str, container_source: str, kind: str, address: str,
                 label: str, note: str, required: bool, managed: bool) -> None:
     """/dev/vfio/<IOMMU group> and /dev/vfio/vfio for a PCI device used through VFIO.
@@ -334,14 +330,11 @@ def _vfio_group(refs: _Refs, source: str, container_source: str, kind: str, addr
     (libvirt switches the driver later): a missing node is then a finding, not a problem
     (``late``); a PCI device or IOMMU group missing from sysfs still is one.
     """
-    if managed:
-        note = f"{note}; {_MANAGED_NOTE}" if note else _MANAGED_NOTE
     refs.add(DeviceRef(source, kind, "rw", lookup=Lookup(LOOKUP_PCI_GROUP, (address,), label),
                        required=required, note=note, late=managed))
     refs.add(DeviceRef(container_source, "vfio-container", "rw", path=VFIO_CONTAINER,
                        required=required, late=managed,
-                       note="VFIO container, needed by every VFIO device" + (
-                           f"; {_MANAGED_NOTE}" if managed else "")))
+                       note="VFIO container, needed by every VFIO device"))
 
 
 def _vfio_pci(refs: _Refs, el: etree._Element, loc: str, kind: str) -> None:

@@ -48,6 +48,7 @@ from .resolve import (
     SKIPPED,
     Host,
     Resolved,
+    dm_rows,
     resolve,
 )
 from .rules import Rule, RuleSet
@@ -123,8 +124,7 @@ class Plan:
                     granted.append(device.rule)
                     if device.origin == ORIGIN_EXTRA:
                         extras.append(device.rule)
-            elif status == FORBIDDEN or (device.required and status in (MISSING,
-                                                                         LOOKUP_FAILED)):
+            elif device.blocking:
                 self.problems.append(device)
         self.rules = RuleSet.of(_unique(granted))
         self.extra_rules = RuleSet.of(_unique(extras))
@@ -137,6 +137,14 @@ class Plan:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def problem_text(self, limit: int = 3) -> str:
+        """The problems as one line, for the hook's stderr (libvirt shows it to the user)."""
+        parts = [f"{d.source}{f' ({d.path})' if d.path else ''}: {d.status}: {d.reason}"
+                 for d in self.problems[:limit]]
+        if len(self.problems) > limit:
+            parts.append(f"and {len(self.problems) - limit} more")
+        return "; ".join(parts)
 
     def rule_list(self) -> List[str]:
         return [str(rule) for rule in self.rules]
@@ -253,8 +261,13 @@ def _plan_refs(refs: Sequence[DeviceRef], config: Config, host: Host,
                               False))
             continue
         if ref.path is not None and ref.lookup is None and ref.skip is None \
-                and ref.rule is None and not ref.follow_dm:
-            add(_judge(ref, host.stat_path(ref.path, ref.access), guard))  # the common case
+                and ref.rule is None:
+            # The common case, inlined: a path to stat (resolve() does the same).
+            found = host.stat_path(ref.path, ref.access)
+            add(_judge(ref, found, guard))
+            if ref.follow_dm and found.rule is not None and found.rule.type == "b":
+                for target in dm_rows(found.rule, ref.access, host):
+                    add(_judge(ref, target, guard))
             continue
         for found in resolve(ref, host):
             add(_judge(ref, found, guard))
@@ -275,8 +288,12 @@ def _judge(ref: DeviceRef, found: Resolved, guard: Guardrails) -> PlannedDevice:
             else:
                 detail += (f"; {verdict.reason}, allowed by allow_forbidden "
                            f"{verdict.allowed_by!r}")
-    # A managed VFIO device's node appears only once libvirt rebinds the device.
-    required = ref.required and not (ref.late and status == MISSING)
+    required = ref.required
+    if ref.late and status == MISSING:
+        # A managed VFIO device's nodes appear only once libvirt rebinds the device.
+        required = False
+        detail += ("; managed='yes': libvirt binds the device to vfio-pci after the prepare "
+                   "hook, so the node may appear only then")
     return PlannedDevice(ref.source + found.source_suffix, path, ref.access, status, rule,
                          ref.note, detail, ref.origin, found.kind or ref.kind, required)
 

@@ -285,6 +285,8 @@ class Guardrails:
 
     def check(self, rule: Rule, path: str | None = None) -> Verdict | None:
         """None when harmless; else why it is forbidden (and who allowed it, if anyone)."""
+        if rule.type == "c" and rule.major is not None and rule.major != 1:
+            return None  # the forbidden character devices are all major 1 (mem)
         # Keyed by identity: resolve.Host hands out one Rule object per rule, and the
         # dataclass hash is not cheap. The entry keeps the rule alive, so ids stay unique.
         cached = self._dangers.get(id(rule))

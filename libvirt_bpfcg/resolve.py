@@ -369,11 +369,12 @@ def resolve(ref: DeviceRef, host: Host) -> List[Resolved]:
     first = host.stat_path(ref.path, ref.access)
     rows = [first]
     if ref.follow_dm and first.rule is not None and first.rule.type == "b":
-        rows.extend(_dm_rows(first.rule, ref.access, host))
+        rows.extend(dm_rows(first.rule, ref.access, host))
     return rows
 
 
-def _dm_rows(rule: Rule, access: str, host: Host) -> List[Resolved]:
+def dm_rows(rule: Rule, access: str, host: Host) -> List[Resolved]:
+    """Rows for the device-mapper targets below block device ``rule`` (often none)."""
     rows = []
     for name, (major, minor) in host.dm_targets(rule.major or 0, rule.minor or 0):
         rows.append(Resolved(OK, host.rule("b", major, minor, access),
@@ -493,7 +494,7 @@ def _lookup_volume(ref: DeviceRef, host: Host) -> List[Resolved]:
         path = os.path.join(target, volume)
         rows = _derived(ref, host, path, f"pool type {pool_type}, path {path}")
         if ref.follow_dm and rows[0].rule is not None and rows[0].rule.type == "b":
-            rows.extend(_dm_rows(rows[0].rule, ref.access, host))
+            rows.extend(dm_rows(rows[0].rule, ref.access, host))
         return rows
     return [Resolved(LOOKUP_FAILED, None,
                      f"{ref.lookup.label}: no definition of pool {pool!r} in "  # type: ignore[union-attr]

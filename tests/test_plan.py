@@ -342,3 +342,13 @@ def test_managed_vfio_nodes_may_appear_after_prepare(fake: FakeHost) -> None:
         ("devices/hostdev[3]", MISSING, False)]
     first = next(d for d in plan.devices if d.source == "devices/hostdev[1]/source/address")
     assert "after the prepare hook" in first.reason
+
+
+def test_problem_text_is_one_line(fake: FakeHost) -> None:
+    plan = plan_of(fake, "".join(f"<serial type='dev'><source path='/dev/ttyX{i}'/></serial>"
+                                 for i in range(5)))
+    text = plan.problem_text(limit=2)
+    assert "\n" not in text
+    assert text.startswith("devices/serial[1]/source/@path (/dev/ttyX0): missing: ")
+    assert text.endswith("; and 3 more")
+    assert plan_of(fake).problem_text() == ""
