@@ -129,10 +129,10 @@ class Hook:
 
     # -- plan -------------------------------------------------------------------------------
 
-    def plan(self, xml: bytes, save: bool) -> DomainPlan:
+    def plan(self, xml: bytes, save: bool, refuse_problems: bool = True) -> DomainPlan:
         from .hookplan import plan_for_hook
 
-        plan = plan_for_hook(xml, self.config, self.name)
+        plan = plan_for_hook(xml, self.config, self.name, refuse_problems)
         for warning in plan.warnings:
             logger.warning("domain %s: %s", self.name, warning)
         if save:
@@ -160,13 +160,6 @@ class Hook:
             json.dump(plan.to_json(), handle)
         os.replace(tmp, path)
 
-    def _load(self, uuid: str) -> DomainPlan | None:
-        try:
-            with open(self._plan_path(uuid), encoding="utf-8") as handle:
-                return DomainPlan.from_json(json.load(handle))
-        except (OSError, ValueError, TypeError):
-            return None
-
     # -- install ----------------------------------------------------------------------------
 
     def install(self, xml: bytes, reconnect: bool) -> int:
@@ -177,13 +170,10 @@ class Hook:
         from .rules import Rule
         from .state import StateDirs
 
-        # The live XML is the truth at reconnect (hotplug may have changed it); at started
-        # the plan kept by prepare is reused, re-planned only if it is missing.
-        plan = self.plan(xml, save=True) if reconnect else None
-        if plan is None:
-            from .hookplan import uuid_of
-
-            plan = self._load(uuid_of(xml)) or self.plan(xml, save=True)
+        # Plan again from the XML libvirt hands us now: at started, managed VFIO nodes that
+        # did not exist at prepare do now; at reconnect the live XML includes hotplugged
+        # devices, and a running guest is never refused for what no longer resolves.
+        plan = self.plan(xml, save=True, refuse_problems=not reconnect)
         run_dir = self.config.qemu_run_dir
         pid = cg.domain_pid(self.name, run_dir)
         directory = cg.guest_cgroup_of_pid(pid, f"domain {self.name}")

@@ -9,23 +9,21 @@ from .config import Config
 from .domain import ORIGIN_EXTRA, domain_info
 from .errors import InputError
 from .hook import DomainPlan
-from .plan import Plan, plan_domain
+from .plan import plan_domain
 from .xmlsafe import parse_xml
 
 
-def problems_line(name: str, plan: Plan) -> str:
-    """All blocking findings in one line: it becomes libvirt's error message."""
-    parts = []
-    for dev in plan.problems:
-        where = f"{dev.source} ({dev.path})" if dev.path else dev.source
-        parts.append(f"{where}: {dev.status}: {dev.reason}")
-    return f"domain {name}: refusing to start: " + "; ".join(parts)
-
-
-def plan_for_hook(xml: bytes, config: Config, name: str) -> DomainPlan:
+def plan_for_hook(xml: bytes, config: Config, name: str,
+                  refuse_problems: bool = True) -> DomainPlan:
+    """Plan for the hook. With ``refuse_problems`` (guest not running yet) blocking findings
+    raise one line that becomes libvirt's error; without (reconnect: the guest runs) they
+    are warnings and the rules that did resolve are still installed."""
     plan = plan_domain(xml, config)
+    warnings = []
     if plan.problems:
-        raise InputError(problems_line(name, plan))
+        if refuse_problems:
+            raise InputError(f"domain {name}: refusing to start: {plan.problem_text()}")
+        warnings.append(f"not granted: {plan.problem_text()}")
     info = plan.domain
     if info is None or not info.uuid:
         raise InputError(f"domain {name}: the domain XML has no <uuid>")
@@ -35,8 +33,8 @@ def plan_for_hook(xml: bytes, config: Config, name: str) -> DomainPlan:
         if (dev.origin == ORIGIN_EXTRA and dev.grants and dev.path and rule is not None
                 and rule.major is not None and rule.minor is not None):
             nodes.append({"path": dev.path, "rule": str(rule)})
-    warnings = [f"{a} and {b} share one map key; only the access both ask for is allowed"
-                for a, b in plan.conflicts]
+    warnings += [f"{a} and {b} share one map key; only the access both ask for is allowed"
+                 for a, b in plan.conflicts]
     return DomainPlan(
         name=info.name or name, uuid=info.uuid, rules=plan.rule_list(),
         extra_rules=[str(r) for r in plan.extra_rules], extra_nodes=nodes,
