@@ -33,7 +33,8 @@ FILES = [
 
 EXIT_STATUS = [
     ("0", "Success."),
-    ("1", "The operation failed."),
+    ("1", "The operation failed; for \\fBexplain\\fR: the device is denied, or a program "
+          "we cannot read decides; for \\fBdoctor\\fR: a check failed."),
     ("2", "Bad usage, a bad rule or unusable input (for example an unreadable domain XML)."),
 ]
 
@@ -118,6 +119,10 @@ CONFIGURATION = [
     "guest (libvirt's behaviour for a failing hook); by default it is logged and the guest "
     "keeps running.",
     RESTART_NOTE,
+    "When QEMU reports \"Operation not permitted\" for a device: \\fBlibvirt-bpfcg status "
+    "\\-\\-domain\\fR \\fINAME\\fR lists the denied devices, newest first; \\fBexplain\\fR "
+    "tells which rule allows or why none does, with the command that would allow it; "
+    "\\fBdoctor\\fR checks the host, including whether the daemon picked up the hook.",
 ]
 
 SEE_ALSO = "virsh(1), libvirtd(8), virtqemud(8), bpftool(8)"
