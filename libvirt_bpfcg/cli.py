@@ -19,6 +19,8 @@ from .errors import EXIT_FAILED, EXIT_USAGE, BpfcgError
 COMMAND_MODULES = [
     "libvirt_bpfcg.commands.filter",
     "libvirt_bpfcg.commands.plan",
+    "libvirt_bpfcg.commands.explain", "libvirt_bpfcg.commands.doctor",
+    "libvirt_bpfcg.commands.hotplug", "libvirt_bpfcg.commands.watch",
 ]
 
 

@@ -15,12 +15,13 @@ are safe for the guest:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Sequence, Set, Tuple
 
 from . import detect as det
 from .bpf import devprog
@@ -30,7 +31,7 @@ from .detect import Detection, MapView
 from .devnames import DeviceNames
 from .errors import OperationError
 from .grants import GrantStore
-from .rules import Rule, RuleSet, access_string, encode_key
+from .rules import Rule, RuleSet, access_string, decode_key, encode_key
 from .state import StateDirs
 
 INITIAL_MAP_SIZE = 64  # libvirt's VIR_CGROUP_V2_INITIAL_BPF_MAP_SIZE
@@ -54,6 +55,23 @@ class Change:
     conflicts: List[Tuple[Rule, Rule]] = field(default_factory=list)  # b/c sharing a key
     installed: bool = False  # a program was (re)attached
     grew_to: int | None = None  # new map size when the map grew
+    # sync: entries deleted because nothing wants them any more (as they were)
+    removed: List[Rule] = field(default_factory=list)
+    # grant: raw value of each key this call wrote, before it (None: the key was absent);
+    # what undo() puts back when the operation the grant prepared for fails
+    before: Dict[int, int | None] = field(default_factory=dict)
+
+    def merge(self, other: Change) -> None:
+        """Fold a later step's changes into this one (sync = trim + grant)."""
+        self.mode = other.mode
+        self.changed += other.changed
+        self.unchanged += other.unchanged
+        self.conflicts += other.conflicts
+        self.removed += other.removed
+        self.installed = self.installed or other.installed
+        self.grew_to = other.grew_to or self.grew_to
+        for key, value in other.before.items():
+            self.before.setdefault(key, value)
 
 
 def crash_point(name: str) -> None:
@@ -103,17 +121,49 @@ class DeviceFilter:
         self.dirs = dirs or StateDirs()
         self.record_denials = record_denials
         self.what = what or f"cgroup {self.cgroup}"
+        self._lock_depth = 0
         if not allow_root and is_mount_root(self.cgroup):
             check_guest_cgroup(self.cgroup, self.what)  # raises with the reason
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cgroup's lock across several calls on this handle (re-entrant here).
+
+        For read-modify-write cycles that span calls: a reconcile that reads the live XML and
+        the runtime grants and then syncs the map, or a hotplug that grants, asks libvirt and
+        undoes the grant if libvirt refuses. Other processes (hook, CLI, watcher) wait.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with self.dirs.lock(self.cgroup):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     # -- inspection ---------------------------------------------------------------------------
 
     def detect(self) -> Detection:
-        try:
-            return det.detect(self.cgroup)
-        except FileNotFoundError:
-            raise OperationError(f"{self.what}: cgroup {self.cgroup} does not exist "
-                                 "(guest stopped?)") from None
+        for _attempt in range(ATTACH_RETRIES):
+            try:
+                d = det.detect(self.cgroup)
+            except FileNotFoundError:
+                raise self._gone() from None
+            # "Foreign" without a single readable program: what the query listed was freed
+            # before we could look (libvirt swapping programs), not someone else's filter.
+            if d.mode != det.MODE_FOREIGN or d.programs:
+                return d
+        return d
+
+    def _gone(self) -> OperationError:
+        return OperationError(f"{self.what}: cgroup {self.cgroup} does not exist "
+                              "(guest stopped?)")
 
     @property
     def mode(self) -> str:
@@ -206,7 +256,7 @@ class DeviceFilter:
         """Grant ``rules``; ``remember`` records them as runtime grants that every later
         reconcile keeps (``allow``), as opposed to rules derived from the domain."""
         rules = list(rules)
-        with self.dirs.lock(self.cgroup):
+        with self.locked():
             change = self._grant_locked(rules)
             if remember and rules:
                 self.grants.add(self.cgroup, rules)
@@ -224,7 +274,7 @@ class DeviceFilter:
                     return self._grow_or_update(d, rules, overlay=False)
                 return self._grant_libvirt(d, rules)
             except bpf.BpfError as exc:
-                if exc.errno != errno.ESTALE:
+                if not _raced(exc):
                     raise
                 continue  # libvirt swapped programs under us: re-detect and redo
         raise OperationError(f"{self.what}: the cgroup's programs kept changing during "
@@ -239,7 +289,7 @@ class DeviceFilter:
         """Take ``rules`` away (from our map or overlay only); ``forget`` also drops them from
         the runtime grants."""
         rules = list(rules)
-        with self.dirs.lock(self.cgroup):
+        with self.locked():
             if forget:
                 self.grants.remove(self.cgroup, rules)
             d = self.detect()
@@ -272,6 +322,117 @@ class DeviceFilter:
                         bpf.map_update(fd, key, bpf.value_bytes(after.value))
                     change.changed.append(rule)
             return change
+
+    def sync(self, rules: Iterable[Rule], keys: Iterable[int] | None = None,
+             revoke: bool = True) -> Change:
+        """Make our map (own mode) or overlay (libvirt mode) hold exactly ``rules``.
+
+        Entries nobody asks for any more are deleted, entries whose access differs are set
+        to what is asked (one atomic update each: never a wider intermediate value), then the
+        missing ones are granted — which also grows the map, creates the own filter in mode
+        ``none`` and re-installs the overlay libvirt's own growth dropped. ``keys`` limits the
+        trimming to those map keys (a detach touches only what the device used);
+        ``revoke=False`` only adds (used when the plan is incomplete and a device it could
+        not resolve may still be in use). libvirt's own map is never written.
+        """
+        wanted = RuleSet.of(rules)
+        target = wanted.as_map()
+        only = None if keys is None else set(keys)
+        with self.locked():
+            d = self.detect()
+            self._refuse_foreign(d)
+            change = Change(d.mode, conflicts=list(wanted.conflicts))
+            map_id = self._our_map_id(d)
+            present: Dict[int, int] = {}
+            if map_id is not None:
+                with det.opened(bpf.map_get_fd_by_id(map_id)) as fd:
+                    present = read_entries(fd) if only is None else \
+                        _lookup_keys(fd, _key_rules(only))
+                    if revoke:
+                        self._trim(fd, present, target, only, change)
+            missing = [rule for key, rule in wanted.entries.items()
+                       if key not in present or (not revoke and present[key] != rule.value)]
+            if d.mode == det.MODE_NONE and not missing:
+                return change  # never install a filter that allows nothing
+            if missing or d.mode == det.MODE_LIBVIRT and not d.overlay_installed:
+                change.merge(self.grant(missing))
+            else:
+                change.unchanged += wanted.rules()
+            return change
+
+    def _trim(self, fd: int, present: Dict[int, int], target: Dict[int, int],
+              only: Set[int] | None, change: Change) -> None:
+        for key, value in sorted(present.items()):
+            if only is not None and key not in only:
+                continue
+            want = target.get(key)
+            if want == value:
+                continue
+            old = Rule.from_entry(key, value)
+            change.before.setdefault(key, value)
+            if want is None:
+                bpf.map_delete(fd, bpf.key_bytes(key))
+                if old is not None:
+                    change.removed.append(old)
+                continue
+            bpf.map_update(fd, bpf.key_bytes(key), bpf.value_bytes(want))
+            present[key] = want
+            new = Rule.from_entry(key, want)
+            if new is not None:
+                change.changed.append(new)
+            if old is not None and _access_bits_of(value) & ~_access_bits_of(want):
+                change.removed.append(old)  # narrowed: report what it allowed before
+
+    def undo(self, change: Change) -> List[Rule]:
+        """Put back the entries a grant wrote (``change.before``), keeping runtime grants.
+
+        An entry that no longer holds what the grant wrote was changed by someone since
+        (another grant, a reconcile): it is left alone. A grant that created the filter (mode
+        ``none``) is not undone: removing a guest's filter is never done behind its back.
+        Returns the rules taken away.
+        """
+        if not change.before:
+            return []
+        written = {rule.key: rule.value for rule in change.changed}
+        taken: List[Rule] = []
+        with self.locked():
+            d = self.detect()
+            map_id = self._our_map_id(d)
+            if map_id is None or d.mode == det.MODE_FOREIGN:
+                return taken
+            runtime = self.runtime_grants()
+            with det.opened(bpf.map_get_fd_by_id(map_id)) as fd:
+                for key, before in change.before.items():
+                    raw = bpf.map_lookup(fd, bpf.key_bytes(key), devprog.RULE_VALUE_SIZE)
+                    now = None if raw is None else bpf.parse_value(raw)
+                    if now is None or now != written.get(key, now):
+                        continue
+                    kept = RuleSet()
+                    old = None if before is None else Rule.from_entry(key, before)
+                    if old is not None:
+                        kept.add(old)
+                    for grant in runtime:
+                        if grant.key == key:
+                            kept.add(grant)
+                    value = kept.entries[key].value if key in kept.entries else before
+                    if value == now:
+                        continue
+                    if value is None:
+                        bpf.map_delete(fd, bpf.key_bytes(key))
+                    else:
+                        bpf.map_update(fd, bpf.key_bytes(key), bpf.value_bytes(value))
+                    rule = Rule.from_entry(key, now)
+                    if rule is not None:
+                        taken.append(rule)
+        return taken
+
+    def _our_map_id(self, d: Detection) -> int | None:
+        """The map our rules live in: the own base map, or the (attached or pinned) overlay."""
+        if d.mode == det.MODE_OWN:
+            return d.base.id if d.base else None
+        if d.mode == det.MODE_LIBVIRT:
+            return d.overlay.id if d.overlay else self._pinned_id(PIN_OVERLAY)
+        return None
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -321,9 +482,16 @@ class DeviceFilter:
         crash_point("after-load")
         try:
             self._check_map_order(prog_fd, map_fds, denial_fd)
-            with det.opened(bpf.open_cgroup(self.cgroup)) as cg_fd:
-                bpf.prog_attach(cg_fd, prog_fd, bpf.BPF_CGROUP_DEVICE, 0,
-                                expected_revision=d.revision)
+            with det.opened(self._open_cgroup()) as cg_fd:
+                try:
+                    bpf.prog_attach(cg_fd, prog_fd, bpf.BPF_CGROUP_DEVICE, 0,
+                                    expected_revision=d.revision)
+                except bpf.BpfError as exc:
+                    # Removed since we opened it (the guest stopped): the kernel says
+                    # ENOENT, "the program to replace is not attached" — misleading.
+                    if exc.errno == errno.ENOENT and not os.path.isdir(self.cgroup):
+                        raise self._gone() from None
+                    raise
                 crash_point("after-attach")
                 prog_id = bpf.prog_info(prog_fd).id
                 after = bpf.prog_query(cg_fd, bpf.BPF_CGROUP_DEVICE)
@@ -334,6 +502,13 @@ class DeviceFilter:
             return prog_id
         finally:
             bpf.close(prog_fd)
+
+    def _open_cgroup(self) -> int:
+        """The cgroup's fd; removed since detection (the guest stopped) is a clear error."""
+        try:
+            return bpf.open_cgroup(self.cgroup)
+        except FileNotFoundError:
+            raise self._gone() from None
 
     @staticmethod
     def _check_map_order(prog_fd: int, map_fds: Sequence[int],
@@ -349,6 +524,7 @@ class DeviceFilter:
 
     def _create_own(self, d: Detection, rules: Sequence[Rule]) -> Change:
         wanted = RuleSet.of(rules)
+        # ``before`` stays empty: there was no filter, and undo() never takes one away
         change = Change(det.MODE_OWN, changed=wanted.rules(), conflicts=wanted.conflicts)
         base_fd = devprog.create_rule_map(devprog.BASE_MAP_NAME,
                                           _size_for(len(wanted), INITIAL_MAP_SIZE))
@@ -489,6 +665,15 @@ class DeviceFilter:
         self.dirs.unpin_cgroup_id(cgroup_id(self.cgroup))
 
 
+def _raced(exc: bpf.BpfError) -> bool:
+    """Did libvirt swap programs since our detection? Either the attach saw the revision
+    change (ESTALE), or an object the detection named was freed before we opened it (libvirt's
+    growth frees its old map and program: ENOENT from *_GET_FD_BY_ID)."""
+    return exc.errno == errno.ESTALE or (
+        exc.errno == errno.ENOENT and exc.op in ("BPF_MAP_GET_FD_BY_ID",
+                                                 "BPF_PROG_GET_FD_BY_ID"))
+
+
 def _merge(current: Dict[int, int], rules: Sequence[Rule],
            mode: str) -> Tuple[Dict[int, int], Change]:
     """New map content after granting ``rules`` on top of ``current``."""
@@ -497,7 +682,11 @@ def _merge(current: Dict[int, int], rules: Sequence[Rule],
     for rule in rules:
         before = merged_set.entries.get(rule.key)
         after = merged_set.add(rule)
-        (change.unchanged if before == after else change.changed).append(after)
+        if before == after:
+            change.unchanged.append(after)
+        else:
+            change.changed.append(after)
+            change.before.setdefault(rule.key, current.get(rule.key))
     change.conflicts = merged_set.conflicts
     merged = dict(current)
     for key, rule in merged_set.entries.items():
@@ -513,6 +702,16 @@ def _lookup_keys(map_fd: int, rules: Sequence[Rule]) -> Dict[int, int]:
         if raw is not None:
             found[key] = bpf.parse_value(raw)
     return found
+
+
+def _key_rules(keys: Iterable[int]) -> List[Rule]:
+    """Placeholder rules for looking keys up (only ``.key`` is used)."""
+    return [Rule("a", *decode_key(key), "r") for key in keys]
+
+
+def _access_bits_of(value: int) -> int:
+    """The access half of a raw map value."""
+    return (value >> 16) & 0x7
 
 
 def _restore(map_fd: int, written: Dict[int, int | None]) -> None:

@@ -6,7 +6,8 @@ The op table is DESIGN §3. What each op does here:
                       line becomes libvirt's error), keep the plan under the domain's UUID;
 * ``started begin``   find the guest cgroup from QEMU's pid and install: the whole plan in own
                       mode, the extras (overlay) in libvirt mode; refuse foreign filters;
-* ``reconnect begin`` the same, reconciling after a daemon restart — but a failing reconnect
+* ``reconnect begin`` reconcile with the live XML after a daemon restart (reconcile.py: own map =
+                      live plan + runtime grants, overlay re-installed) — but a failing reconnect
                       hook makes libvirt kill the running guest, so errors are logged and we
                       exit 0 unless ``strict`` is configured;
 * ``release end``     drop our state and pins of cgroups that are gone;
@@ -163,6 +164,8 @@ class Hook:
     # -- install ----------------------------------------------------------------------------
 
     def install(self, xml: bytes, reconnect: bool) -> int:
+        if reconnect:
+            return self.reconnect(xml)
         from . import cgroup as cg
         from . import detect as det
         from .bpf import sys as bpf
@@ -202,6 +205,37 @@ class Hook:
                 logger.warning("domain %s: %s", self.name, message)
         return 0
 
+    def reconnect(self, xml: bytes) -> int:
+        """After a daemon restart: reconcile with the live XML (hotplug may have changed it,
+        libvirt's own growth may have dropped our overlay). Own map = live plan + runtime
+        grants; overlay = extras + runtime grants. Problems of the live plan are warnings
+        (logged by plan) and hold back revocations; the guest is never refused."""
+        from . import cgroup as cg
+        from .bpf import sys as bpf
+        from .reconcile import guest_filter, reconcile
+        from .state import StateDirs
+
+        plan = self.plan(xml, save=True, refuse_problems=False)
+        bpf.raise_memlock()
+        dirs = StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs)
+        dfilter = guest_filter(self.name, dirs, self.config.qemu_run_dir,
+                               self.config.record_denials)
+        result = reconcile(dfilter, xml, self.config)
+        if result.note:
+            raise BpfcgError(f"domain {self.name}: {result.note}")
+        if result.changed:
+            logger.info("domain %s: reconnect: %s", self.name, result.summary())
+        if result.held_back and result.problems:
+            logger.warning("domain %s: reconnect: nothing revoked while the live plan has "
+                           "problems", self.name)
+        if plan.extra_nodes and self.config.create_extra_nodes:
+            from .nsdev import create_nodes_in_namespace
+
+            pid = cg.domain_pid(self.name, self.config.qemu_run_dir)
+            for message in create_nodes_in_namespace(pid, plan.extra_nodes):
+                logger.warning("domain %s: %s", self.name, message)
+        return 0
+
     # -- release ----------------------------------------------------------------------------
 
     def release(self, xml: bytes) -> int:
@@ -224,6 +258,9 @@ class Hook:
             root = cgroup2_root()
             StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs).collect_stale_pins(root)
             GrantStore(self.state_dir).collect_stale(root)
+            from .reconcile import collect_stale_epochs
+
+            collect_stale_epochs(self.state_dir, root)
         except (BpfcgError, OSError) as exc:
             logger.warning("domain %s: release: collecting pins: %s", self.name, exc)
         return 0

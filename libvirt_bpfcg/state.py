@@ -109,18 +109,34 @@ class StateDirs:
             os.rmdir(directory)
 
     def collect_stale_pins(self, cgroup_root: str) -> Set[int]:
-        """Unpin the maps of cgroups that no longer exist; return their ids."""
+        """Unpin the maps of cgroups that no longer exist; return their ids. The lock files
+        of gone cgroups go too (one per guest start would pile up otherwise).
+
+        Both lists are read before the cgroup tree is walked: a pin or lock made for a cgroup
+        created during the walk is then never mistaken for a stale one. Deleting a lock file
+        is safe once its cgroup is gone: nobody can take that lock any more (lock() stats the
+        cgroup first), and a holder's operations fail on the missing cgroup anyway.
+        """
         root = self.pin_root(create=False)
-        if root is None:
-            return set()
-        pinned = {int(n) for n in os.listdir(root) if n.isdigit()}
-        if not pinned:
+        pinned = {int(n) for n in os.listdir(root) if n.isdigit()} if root else set()
+        locks = self._lock_ids()
+        if not pinned and not locks:
             return set()
         alive = _cgroup_ids(cgroup_root)
         stale = pinned - alive
         for ident in stale:
             self.unpin_cgroup_id(ident)
+        for ident in locks - alive:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.state_dir, "locks", f"{ident}.lock"))
         return stale
+
+    def _lock_ids(self) -> Set[int]:
+        try:
+            names = os.listdir(os.path.join(self.state_dir, "locks"))
+        except FileNotFoundError:
+            return set()
+        return {int(n[:-5]) for n in names if n.endswith(".lock") and n[:-5].isdigit()}
 
 
 def _cgroup_ids(cgroup_root: str) -> Set[int]:

@@ -6,10 +6,17 @@ import errno
 import os
 import subprocess
 import sys
-from typing import List
 
 import pytest
-from kernel_fixtures import make_node, open_in_cgroup
+from engine_helpers import (
+    attached_ids,
+    install_libvirt_like,
+    libvirt_realloc,
+    nodes,
+    opens,
+    private_state_dirs,
+)
+from kernel_fixtures import make_node
 
 from libvirt_bpfcg import detect as det
 from libvirt_bpfcg.bpf import devprog
@@ -28,66 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def dirs(tmp_path) -> StateDirs:
     """A private state dir and a private bpffs (never the host's /sys/fs/bpf)."""
-    bpffs = tmp_path / "bpffs"
-    bpf.ensure_bpffs(str(bpffs))
-    yield StateDirs(state_dir=str(tmp_path / "state"), bpffs=str(bpffs))
-    subprocess.run(["umount", "-n", str(bpffs)], check=True)
-
-
-def nodes(node_dir: str, *specs: str) -> List[str]:
-    """'c 240:1' → path of a mknod'ed node with those numbers."""
-    out = []
-    for spec in specs:
-        dev_type, numbers = spec.split()
-        major, minor = numbers.split(":")
-        out.append(make_node(node_dir, dev_type, int(major), int(minor)))
-    return out
-
-
-def opens(cgroup: str, paths: List[str], flags: int = os.O_RDONLY) -> List[bool]:
-    """True where the filter let the open through (ENXIO from a driverless node counts)."""
-    return [e != errno.EPERM for e in open_in_cgroup(cgroup, [(p, flags) for p in paths])]
-
-
-def attached_ids(cgroup: str) -> List[int]:
-    fd = bpf.open_cgroup(cgroup)
-    try:
-        return bpf.prog_query(fd, bpf.BPF_CGROUP_DEVICE).prog_ids
-    finally:
-        bpf.close(fd)
-
-
-def install_libvirt_like(cgroup: str, rules: List[Rule], size: int = 64) -> int:
-    """What libvirt does for a guest: unnamed map + unnamed program, attach flags 0.
-    Returns the map fd (the caller closes it), as libvirtd keeps its fd."""
-    map_fd = devprog.create_libvirt_map(size)
-    for rule in rules:
-        bpf.map_update(map_fd, bpf.key_bytes(rule.key), bpf.value_bytes(rule.value))
-    prog_fd = devprog.load_libvirt_program(map_fd)
-    cg = bpf.open_cgroup(cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
-    return map_fd
-
-
-def libvirt_realloc(cgroup: str, old_map_fd: int) -> int:
-    """libvirt's ReallocMap + AttachProg: a map twice as big, copied, its own program."""
-    size = bpf.map_info(old_map_fd).max_entries * 2
-    new_fd = devprog.create_libvirt_map(size)
-    for key, value in bpf.map_items(old_map_fd, 8, 4):
-        bpf.map_update(new_fd, key, value)
-    prog_fd = devprog.load_libvirt_program(new_fd)
-    cg = bpf.open_cgroup(cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
-    bpf.close(old_map_fd)
-    return new_fd
+    with private_state_dirs(str(tmp_path)) as state_dirs:
+        yield state_dirs
 
 
 def test_none_mode_then_own_grant_enforced_and_revoked(scratch_cgroup, node_dir, dirs):
