@@ -14,6 +14,7 @@ import json
 import os
 from typing import Iterable, List, Set
 
+from . import stale
 from .rules import Rule, RuleSet, sort_rules
 from .state import cgroup_id, make_private_dir
 
@@ -65,19 +66,4 @@ class GrantStore:
 
     def collect_stale(self, cgroup_root: str) -> Set[int]:
         """Delete grant files whose cgroup is gone; return their ids."""
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return set()
-        ids = {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
-        if not ids:
-            return set()
-        alive: Set[int] = set()
-        for dirpath, _dirs, _files in os.walk(cgroup_root):
-            with contextlib.suppress(OSError):
-                alive.add(os.stat(dirpath).st_ino)
-        stale = ids - alive
-        for ident in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.directory, f"{ident}.json"))
-        return stale
+        return stale.collect_files(self.directory, ".json", cgroup_root)

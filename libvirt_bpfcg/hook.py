@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Dict, List, Sequence, TextIO
@@ -41,6 +42,7 @@ OPS = {
     ("restore", "begin"): "validate",
 }
 MAX_XML_BYTES = 64 * 1024 * 1024  # a domain XML is KBs; refuse to buffer absurd input
+_UUID_RE = re.compile(rb"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
 
 logger = logging.getLogger(log.LOGGER_NAME)
 
@@ -112,6 +114,15 @@ def _dispatch(argv: List[str], stdin: BinaryIO) -> int:
         logger.error("domain %s: reconnect: %s (guest left running; set strict = true in "
                      "[hook] to stop it instead)", name, message)
         return 0
+
+
+def _uuid_of(xml: bytes) -> str:
+    """The domain's <uuid> without parsing the document: release must stay cheap (no lxml),
+    and a wrong match can only miss our own plan file, whose name is checked anyway."""
+    found = _UUID_RE.search(xml[:65536])
+    if found is None:
+        raise InputError("the domain XML has no <uuid>")
+    return found.group(1).decode()
 
 
 def _read_xml(stdin: BinaryIO) -> bytes:
@@ -239,28 +250,20 @@ class Hook:
     # -- release ----------------------------------------------------------------------------
 
     def release(self, xml: bytes) -> int:
-        """Drop our plan, and the pins and runtime grants of cgroups that are gone (this one
-        was removed just before). Failures only log: libvirt
-        ignores this op's exit status anyway."""
+        """Drop our plan, and the pins, locks, runtime grants and hotplug counters of cgroups
+        that are gone (this one was removed just before). Failures only log: libvirt ignores
+        this op's exit status anyway."""
         try:
-            from .hookplan import uuid_of
-
-            path = self._plan_path(uuid_of(xml))
+            path = self._plan_path(_uuid_of(xml))
             if os.path.exists(path):
                 os.unlink(path)
         except (BpfcgError, OSError) as exc:
             logger.warning("domain %s: release: %s", self.name, exc)
         try:
+            from . import stale
             from .cgroup import cgroup2_root
-            from .grants import GrantStore
-            from .state import StateDirs
 
-            root = cgroup2_root()
-            StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs).collect_stale_pins(root)
-            GrantStore(self.state_dir).collect_stale(root)
-            from .reconcile import collect_stale_epochs
-
-            collect_stale_epochs(self.state_dir, root)
+            stale.collect(self.state_dir, self.config.bpffs, cgroup2_root())
         except (BpfcgError, OSError) as exc:
-            logger.warning("domain %s: release: collecting pins: %s", self.name, exc)
+            logger.warning("domain %s: release: collecting stale state: %s", self.name, exc)
         return 0

@@ -7,12 +7,31 @@ with the program name in front; syslog gets the same lines for the admin's journ
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 from typing import TextIO
 
 LOGGER_NAME = "libvirt-bpfcg"
+
+
+class _SyslogHandler(logging.Handler):
+    """Through libc's syslog(3): logging.handlers would import socket, pickle and more on
+    every hook call, for the same one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import syslog
+
+        self._syslog = syslog
+        syslog.openlog(LOGGER_NAME, syslog.LOG_PID, syslog.LOG_DAEMON)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        priority = self._syslog.LOG_WARNING if record.levelno >= logging.WARNING else \
+            self._syslog.LOG_INFO
+        try:
+            self._syslog.syslog(priority, record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never break the caller
+            self.handleError(record)
 
 
 def setup(verbose: bool = False, stream: TextIO | None = None,
@@ -26,14 +45,9 @@ def setup(verbose: bool = False, stream: TextIO | None = None,
     handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logger.addHandler(handler)
     if use_syslog and os.path.exists("/dev/log"):
-        try:
-            sys_handler = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            pass  # no syslog daemon: stderr alone is fine
-        else:
-            sys_handler.setFormatter(logging.Formatter(f"{LOGGER_NAME}[%(process)d]: %(message)s"))
-            sys_handler.setLevel(logging.INFO)
-            logger.addHandler(sys_handler)
+        sys_handler = _SyslogHandler()
+        sys_handler.setLevel(logging.INFO)
+        logger.addHandler(sys_handler)
     return logger
 
 

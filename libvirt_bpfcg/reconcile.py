@@ -29,6 +29,7 @@ from typing import Callable, Iterable, List, Tuple, Union
 
 from . import cgroup as cg
 from . import detect as det
+from . import stale
 from .bpf import sys as bpf
 from .config import Config
 from .devfilter import Change, DeviceFilter
@@ -221,21 +222,4 @@ def _alive(pid: int) -> bool:
 
 def collect_stale_epochs(state_dir: str, cgroup_root: str) -> int:
     """Delete hotplug counters whose cgroup is gone (like pins and runtime grants)."""
-    directory = os.path.join(state_dir, "hotplug")
-    try:
-        names = [n for n in os.listdir(directory) if n.isdigit()]
-    except FileNotFoundError:
-        return 0
-    if not names:
-        return 0
-    alive = set()
-    for dirpath, _dirs, _files in os.walk(cgroup_root):
-        with contextlib.suppress(OSError):
-            alive.add(os.stat(dirpath).st_ino)
-    removed = 0
-    for name in names:
-        if int(name) not in alive:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-                removed += 1
-    return removed
+    return len(stale.collect_files(os.path.join(state_dir, "hotplug"), "", cgroup_root))

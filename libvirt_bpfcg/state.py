@@ -18,12 +18,13 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Set
 
+from . import stale
 from .bpf import sys as bpf
 from .errors import OperationError
 
 DEFAULT_STATE_DIR = "/run/libvirt-bpfcg"
 DEFAULT_BPFFS = "/sys/fs/bpf"
-PIN_SUBDIR = "libvirt-bpfcg"
+PIN_SUBDIR = stale.PIN_SUBDIR
 
 
 def cgroup_id(cgroup_dir: str) -> int:
@@ -97,51 +98,10 @@ class StateDirs:
 
     def unpin_cgroup_id(self, ident: int) -> None:
         root = self.pin_root(create=False)
-        if root is None:
-            return
-        directory = os.path.join(root, str(ident))
-        if not os.path.isdir(directory):
-            return
-        for name in os.listdir(directory):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
+        if root is not None:
+            stale.remove_pin_dir(os.path.join(root, str(ident)))
 
     def collect_stale_pins(self, cgroup_root: str) -> Set[int]:
-        """Unpin the maps of cgroups that no longer exist; return their ids. The lock files
-        of gone cgroups go too (one per guest start would pile up otherwise).
-
-        Both lists are read before the cgroup tree is walked: a pin or lock made for a cgroup
-        created during the walk is then never mistaken for a stale one. Deleting a lock file
-        is safe once its cgroup is gone: nobody can take that lock any more (lock() stats the
-        cgroup first), and a holder's operations fail on the missing cgroup anyway.
-        """
-        root = self.pin_root(create=False)
-        pinned = {int(n) for n in os.listdir(root) if n.isdigit()} if root else set()
-        locks = self._lock_ids()
-        if not pinned and not locks:
-            return set()
-        alive = _cgroup_ids(cgroup_root)
-        stale = pinned - alive
-        for ident in stale:
-            self.unpin_cgroup_id(ident)
-        for ident in locks - alive:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.state_dir, "locks", f"{ident}.lock"))
-        return stale
-
-    def _lock_ids(self) -> Set[int]:
-        try:
-            names = os.listdir(os.path.join(self.state_dir, "locks"))
-        except FileNotFoundError:
-            return set()
-        return {int(n[:-5]) for n in names if n.endswith(".lock") and n[:-5].isdigit()}
-
-
-def _cgroup_ids(cgroup_root: str) -> Set[int]:
-    ids: Set[int] = set()
-    for dirpath, _dirnames, _files in os.walk(cgroup_root):
-        with contextlib.suppress(OSError):
-            ids.add(os.stat(dirpath).st_ino)
-    return ids
+        """Drop the pins — and the locks, grants and hotplug counters — of cgroups that no
+        longer exist (one walk; see stale.collect). Returns the ids whose pins went."""
+        return stale.collect(self.state_dir, self.bpffs, cgroup_root)["pins"]
