@@ -25,7 +25,6 @@ import ctypes
 import errno as errno_mod
 import fcntl
 import os
-import platform
 import resource
 import struct
 from dataclasses import dataclass
@@ -214,7 +213,7 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 
 
 def _syscall_number() -> int:
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # not platform: its import costs the hook
     try:
         return _NR_BPF[machine]
     except KeyError:
