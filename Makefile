@@ -15,10 +15,16 @@ test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check libvirt_bpfcg tests bench hooks
+	$(PY) -m ruff check libvirt_bpfcg tests bench hooks scripts stress
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# Issue 7's long runs (docs/reliability.md): the crash, concurrency, limits and fuzz tests at
+# full scale (1,000 random kills, 100,000 fuzzed documents …); CI runs them shortened.
+.PHONY: stress
+stress: setup
+	$(PY) -m stress
 
 # Packages and generated docs (README "Packages"): built from this checkout into dist/.
 deb:

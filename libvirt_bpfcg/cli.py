@@ -58,7 +58,7 @@ def main(argv: List[str] | None = None, out: TextIO | None = None) -> int:
     except BpfcgError as exc:
         if args.debug:
             raise
-        print(f"libvirt-bpfcg: {exc}", file=sys.stderr)
+        print(f"libvirt-bpfcg: {log.one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # The reader went away (| head): not our failure, and no traceback.

@@ -14,6 +14,22 @@ from typing import TextIO
 LOGGER_NAME = "libvirt-bpfcg"
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)}
+_CONTROL[0x7F] = "\\x7f"
+_CONTROL[ord("\\")] = "\\\\"
+
+
+def one_line(text: str) -> str:
+    """Escape control characters: a message may quote paths and names from a domain XML,
+    and a newline there would split libvirt's error message or forge a syslog line."""
+    return text.translate(_CONTROL)
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{LOGGER_NAME}: {one_line(record.getMessage())}"
+
+
 class _SyslogHandler(logging.Handler):
     """Through libc's syslog(3): logging.handlers would import socket, pickle and more on
     every hook call, for the same one line."""
@@ -29,7 +45,7 @@ class _SyslogHandler(logging.Handler):
         priority = self._syslog.LOG_WARNING if record.levelno >= logging.WARNING else \
             self._syslog.LOG_INFO
         try:
-            self._syslog.syslog(priority, record.getMessage())
+            self._syslog.syslog(priority, one_line(record.getMessage()))
         except Exception:  # noqa: BLE001 - logging must never break the caller
             self.handleError(record)
 
@@ -41,7 +57,7 @@ def setup(verbose: bool = False, stream: TextIO | None = None,
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{LOGGER_NAME}: %(message)s"))
+    handler.setFormatter(_OneLineFormatter())
     handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logger.addHandler(handler)
     if use_syslog and os.path.exists("/dev/log"):

@@ -263,14 +263,16 @@ def tagged_programs(tag_major: int) -> List[int]:
     return found
 
 
-def wait_programs_settle(tag_major: int, expected: Sequence[int],
+def wait_programs_settle(tag_major: int, allowed: Sequence[int],
                          timeout: float = 5.0) -> List[int]:
-    """Programs of a killed process are freed asynchronously (RCU): wait until only
-    ``expected`` remain, or the timeout; return what is left."""
+    """Programs of a killed process are freed asynchronously (RCU): wait until every
+    remaining program of ours is one of ``allowed`` (or the timeout); return what remains.
+    (An attached program whose maps hold no key of the tag — everything revoked — is not
+    found at all, hence "one of", not "exactly".)"""
     deadline = time.monotonic() + timeout
     while True:
         left = sorted(tagged_programs(tag_major))
-        if left == sorted(expected) or time.monotonic() > deadline:
+        if set(left) <= set(allowed) or time.monotonic() > deadline:
             return left
         time.sleep(0.02)
 
