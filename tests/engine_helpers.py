@@ -109,8 +109,8 @@ def install_libvirt_like(cgroup: str, rules: List[Rule], size: int = 64) -> int:
     """What libvirt does for a guest: unnamed map + unnamed program, attach flags 0.
     Returns the map fd (the caller closes it), as libvirtd keeps its fd."""
     map_fd = devprog.create_libvirt_map(size)
-    for rule in rules:
-        bpf.map_update(map_fd, bpf.key_bytes(rule.key), bpf.value_bytes(rule.value))
+    for key, value in RuleSet.of(rules).as_map().items():
+        bpf.map_update(map_fd, bpf.key_bytes(key), bpf.value_bytes(value))
     prog_fd = devprog.load_libvirt_program(map_fd)
     cg = bpf.open_cgroup(cgroup)
     try:

@@ -10,6 +10,7 @@ import subprocess
 from typing import List
 
 import pytest
+from engine_helpers import install_libvirt_like
 from fakesysfs import FakeHost
 from kernel_fixtures import make_node, open_in_cgroup
 
@@ -221,20 +222,6 @@ def test_undo_never_takes_away_a_filter_the_grant_created(scratch_cgroup, dirs):
 
 
 # --- libvirt mode ----------------------------------------------------------------------------
-
-
-def install_libvirt_like(cgroup: str, rules: List[Rule], size: int = 64) -> int:
-    map_fd = devprog.create_libvirt_map(size)
-    for key, value in RuleSet.of(rules).as_map().items():
-        bpf.map_update(map_fd, bpf.key_bytes(key), bpf.value_bytes(value))
-    prog_fd = devprog.load_libvirt_program(map_fd)
-    cg = bpf.open_cgroup(cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
-    return map_fd
 
 
 def test_libvirt_mode_overlay_is_extras_plus_runtime_and_survives_growth(
