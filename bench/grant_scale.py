@@ -73,8 +73,12 @@ def _ms(seconds: float, width: int = 10) -> str:
 
 def main() -> None:
     bpf.raise_memlock()
+    import atexit
+    import shutil
     import tempfile
-    dirs = StateDirs(state_dir=tempfile.mkdtemp(prefix="bpfcg-bench-state-"))
+    state_dir = tempfile.mkdtemp(prefix="bpfcg-bench-state-")
+    atexit.register(shutil.rmtree, state_dir, True)
+    dirs = StateDirs(state_dir=state_dir)
     print(f"{'N':>6} {'ours batch':>12} {'regen batch':>12} {'ours +1':>10} "
           f"{'regen +1':>10} {'batch x':>8} {'+1 x':>8}")
     results = {}
