@@ -11,8 +11,25 @@ import sys
 import time
 from typing import List, Sequence
 
-STATE_DIR = "/run/libvirt/bpfcg"  # inside the lab: removed with it (tests/test_hook_lab.py)
+STATE_DIR = "/run/libvirt/bpfcg"  # inside the lab: removed with it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOOK = os.path.join(ROOT, "hooks", "qemu")
+EXTRAS_NS = "https://libvirt-bpfcg.org/xmlns/extras/1"
+
+
+def install_hook(lab, body: str = "") -> None:
+    """Our hook in the lab's qemu.d/, run by this checkout's interpreter (libvirtd passes
+    only PATH and LC_ALL), with the lab's config file naming our state dir."""
+    with open(os.path.join(lab.lab_dir, "etc", "libvirt-bpfcg.conf"), "w") as handle:
+        handle.write(f"[hook]\nstate_dir = {STATE_DIR}\n")
+    launcher = body or f'exec {sys.executable} -S {HOOK} "$@"'
+    lab.install_hook(f"#!/bin/sh\n{launcher}\n")
+
+
+def extras_xml(*paths: str) -> str:
+    """Our <metadata> extras for device paths (docs/metadata.md)."""
+    devices = "".join(f"<bpfcg:device path='{p}' access='rw'/>" for p in paths)
+    return f"<bpfcg:extras xmlns:bpfcg='{EXTRAS_NS}'>{devices}</bpfcg:extras>"
 
 
 def ns_argv(lab, cmd: Sequence[str]) -> List[str]:

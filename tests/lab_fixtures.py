@@ -56,6 +56,26 @@ def lab_nobpf() -> Iterator[Lab]:
         instance.down()
 
 
+@pytest.fixture
+def hooked_lab(lab: Lab) -> Iterator[Lab]:
+    """The native-filter lab with our hook installed (removed after the test)."""
+    from lab_cli import install_hook
+
+    install_hook(lab)
+    yield lab
+    lab.remove_hook()
+
+
+@pytest.fixture
+def hooked_nobpf(lab_nobpf: Lab) -> Iterator[Lab]:
+    """The bpf-less lab (own mode) with our hook installed (removed after the test)."""
+    from lab_cli import install_hook
+
+    install_hook(lab_nobpf)
+    yield lab_nobpf
+    lab_nobpf.remove_hook()
+
+
 @dataclass
 class LabGuest:
     lab: Lab
@@ -154,4 +174,5 @@ def lab_timings(lab_instance: Lab) -> str:
     return os.linesep.join(lines)
 
 
-__all__ = ["lab", "lab_nobpf", "lab_guest", "LabGuest", "bring_up_lab", "lab_timings"]
+__all__ = ["lab", "lab_nobpf", "hooked_lab", "hooked_nobpf", "lab_guest", "LabGuest",
+           "bring_up_lab", "lab_timings"]

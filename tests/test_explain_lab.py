@@ -15,35 +15,11 @@ import sys
 from typing import Dict
 
 import pytest
+from lab_cli import EXTRAS_NS, STATE_DIR
 
 pytestmark = pytest.mark.lab
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOOK = os.path.join(ROOT, "hooks", "qemu")
-STATE_DIR = "/run/libvirt/bpfcg"  # inside the lab: removed with it
-EXTRAS_NS = "https://libvirt-bpfcg.org/xmlns/extras/1"
 EPERM = 1
-
-
-def install_hook(lab) -> None:
-    """Our hook, run by this checkout's interpreter, with a config naming its state dir."""
-    with open(os.path.join(lab.lab_dir, "etc", "libvirt-bpfcg.conf"), "w") as handle:
-        handle.write(f"[hook]\nstate_dir = {STATE_DIR}\n")
-    lab.install_hook(f'#!/bin/sh\nexec {sys.executable} -S {HOOK} "$@"\n')
-
-
-@pytest.fixture
-def hooked(lab):
-    install_hook(lab)
-    yield lab
-    lab.remove_hook()
-
-
-@pytest.fixture
-def hooked_nobpf(lab_nobpf):
-    install_hook(lab_nobpf)
-    yield lab_nobpf
-    lab_nobpf.remove_hook()
 
 
 def cli(lab, *args: str, expect: int = 0) -> str:
@@ -81,8 +57,8 @@ def checks_by_name(report: Dict) -> Dict[str, Dict]:
     return {check["name"]: check for check in report["checks"]}
 
 
-def test_qemu_permission_denied_answered_by_status_and_explain(hooked, lab_guest):
-    lab = hooked
+def test_qemu_permission_denied_answered_by_status_and_explain(hooked_lab, lab_guest):
+    lab = hooked_lab
     extra = lab.new_loop("ex-extra")
     refused = lab.new_loop("ex-refused")
     guest = lab_guest(lab=lab, name="explain1", metadata_xml=extras_xml(extra))
@@ -142,8 +118,8 @@ def test_own_mode_guest_denials_and_explain(hooked_nobpf, lab_guest):
     assert [s["kind"] for s in null["sources"]] == ["default-acl"]
 
 
-def test_doctor_in_the_lab_namespace(hooked, lab_guest):
-    lab = hooked
+def test_doctor_in_the_lab_namespace(hooked_lab, lab_guest):
+    lab = hooked_lab
     guest = lab_guest(lab=lab, name="doctor1")
     report = cli_json(lab, "doctor")
     checks = checks_by_name(report)

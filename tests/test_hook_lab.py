@@ -13,6 +13,7 @@ import sys
 from typing import Dict, List
 
 import pytest
+from lab_cli import HOOK, STATE_DIR, extras_xml, install_hook
 
 from libvirt_bpfcg import detect as det
 from libvirt_bpfcg.bpf import sys as bpf
@@ -20,38 +21,7 @@ from libvirt_bpfcg.devfilter import read_entries
 
 pytestmark = pytest.mark.lab
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOOK = os.path.join(ROOT, "hooks", "qemu")
-STATE_DIR = "/run/libvirt/bpfcg"  # inside the lab: removed with it
 EPERM = 1
-EXTRAS_NS = "https://libvirt-bpfcg.org/xmlns/extras/1"
-
-HOOK_CONFIG = f"""[hook]
-state_dir = {STATE_DIR}
-"""
-
-
-def install_hook(lab, body: str = "") -> None:
-    """Our hook, run by the venv's interpreter (libvirtd passes only PATH and LC_ALL)."""
-    with open(os.path.join(lab.lab_dir, "etc", "libvirt-bpfcg.conf"), "w") as handle:
-        handle.write(HOOK_CONFIG)
-    launcher = body or f'exec {sys.executable} -S {HOOK} "$@"'
-    lab.install_hook(f"#!/bin/sh\n{launcher}\n")
-
-
-@pytest.fixture
-def hooked_lab(lab):
-    install_hook(lab)
-    yield lab
-    lab.remove_hook()
-
-
-@pytest.fixture
-def hooked_nobpf(lab_nobpf):
-    install_hook(lab_nobpf)
-    yield lab_nobpf
-    lab_nobpf.remove_hook()
-
 
 def map_entries(cgroup: str, which: str = "base") -> Dict[int, int]:
     d = det.detect(cgroup)
@@ -74,11 +44,6 @@ def cli_in_lab(lab, *args: str) -> str:
 def status(lab, name: str) -> Dict:
     return json.loads(cli_in_lab(lab, "status", "--domain", name, "--state-dir", STATE_DIR,
                                  "--json"))
-
-
-def extras_xml(*paths: str) -> str:
-    devices = "".join(f"<bpfcg:device path='{p}' access='rw'/>" for p in paths)
-    return f"<bpfcg:extras xmlns:bpfcg='{EXTRAS_NS}'>{devices}</bpfcg:extras>"
 
 
 def opens(guest, paths: List[str]) -> List[int]:

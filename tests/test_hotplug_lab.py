@@ -10,28 +10,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from lab_cli import STATE_DIR, cli
-from test_hook_lab import extras_xml, install_hook, map_entries
+from lab_cli import STATE_DIR, cli, extras_xml
+from test_hook_lab import map_entries
 
 from libvirt_bpfcg import detect as det
 
 pytestmark = pytest.mark.lab
 
 EPERM = 1
-
-
-@pytest.fixture
-def hooked_nobpf(lab_nobpf):
-    install_hook(lab_nobpf)
-    yield lab_nobpf
-    lab_nobpf.remove_hook()
-
-
-@pytest.fixture
-def hooked_lab(lab):
-    install_hook(lab)
-    yield lab
-    lab.remove_hook()
 
 
 def scsi_disk_xml(lab, name: str, source: str, target: str = "sda", unit: int = 0) -> str:

@@ -20,8 +20,17 @@ import time
 from typing import List, Tuple
 
 import pytest
-from lab_cli import STATE_DIR, WatchProcess, cli, cli_argv, ns_argv, wait_until
-from test_hook_lab import HOOK, _letters, extras_xml, install_hook, map_entries
+from lab_cli import (
+    HOOK,
+    STATE_DIR,
+    WatchProcess,
+    cli,
+    cli_argv,
+    extras_xml,
+    ns_argv,
+    wait_until,
+)
+from test_hook_lab import _letters, map_entries
 
 from libvirt_bpfcg import detect as det
 from libvirt_bpfcg.bpf import devprog
@@ -34,20 +43,6 @@ pytestmark = pytest.mark.lab
 
 EPERM = 1
 REINSTALL_BUDGET = 2.0  # seconds, the target
-
-
-@pytest.fixture
-def hooked_lab(lab):
-    install_hook(lab)
-    yield lab
-    lab.remove_hook()
-
-
-@pytest.fixture
-def hooked_nobpf(lab_nobpf):
-    install_hook(lab_nobpf)
-    yield lab_nobpf
-    lab_nobpf.remove_hook()
 
 
 def opens(guest, paths):
