@@ -30,8 +30,10 @@ class Mount:
     root: str  # which directory of the hierarchy appears there ("/" normally)
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo (and /proc/swaps) write space, tab, newline and backslash as \\ooo."""
+    if "\\" not in field:
+        return field
     out, i = [], 0
     while i < len(field):
         if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and field[i + 1:i + 4].isdigit():
@@ -60,7 +62,8 @@ def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> List[Mount]:
             continue
         fields = left.split(" ")
         if len(fields) >= 5:
-            mounts.append(Mount(mountpoint=_unescape(fields[4]), root=_unescape(fields[3])))
+            mounts.append(Mount(mountpoint=unescape_mountinfo(fields[4]),
+                                root=unescape_mountinfo(fields[3])))
     return mounts
 
 

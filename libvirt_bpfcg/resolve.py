@@ -21,6 +21,7 @@ from typing import Dict, List, NamedTuple, Tuple
 from lxml import etree
 
 from . import domain as dm
+from .cgroup import unescape_mountinfo
 from .domain import DeviceRef
 from .errors import RuleError
 from .rules import Rule
@@ -241,11 +242,11 @@ class Host:
                 source = tail.split(" ", 2)[1] if sep and tail.count(" ") >= 1 else ""
                 if not source.startswith("/dev/"):
                     continue
-                found = self._block_rdev(_unescape(source))
+                found = self._block_rdev(unescape_mountinfo(source))
                 if found is None:
                     continue
                 numbers = found
-            result.append((numbers, f"mounted on {_unescape(fields[4])}"))
+            result.append((numbers, f"mounted on {unescape_mountinfo(fields[4])}"))
         return result
 
     def _swapped(self) -> List[Tuple[Tuple[int, int], str]]:
@@ -256,7 +257,7 @@ class Host:
         for line in text.splitlines()[1:]:
             fields = line.split()
             if fields:
-                found = self._block_rdev(_unescape(fields[0]))
+                found = self._block_rdev(unescape_mountinfo(fields[0]))
                 if found:
                     result.append((found, "in use as swap"))
         return result
@@ -335,21 +336,6 @@ def _dev_numbers(text: str | None) -> Tuple[int, int] | None:
     if not sep or not major.isdigit() or not minor.isdigit():
         return None
     return int(major), int(minor)
-
-
-def _unescape(text: str) -> str:
-    """mountinfo and /proc/swaps escape space, tab, newline and backslash as octal."""
-    if "\\" not in text:
-        return text
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and text[i + 1:i + 4].isdigit():
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
 
+from ..cgroup import unescape_mountinfo
 from ..errors import OperationError
 
 # --------------------------------------------------------------------------------------------
@@ -661,19 +662,6 @@ def obj_get(path: str) -> int:
     return _bpf_fd(BPF_OBJ_GET, attr, path)
 
 
-def _unescape_mountinfo(text: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and text[i + 1:i + 4].isdigit() and len(text[i + 1:i + 4]) == 3:
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
 def is_bpffs_mounted(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     """True if a bpf file system is mounted exactly at ``path`` (the topmost mount counts)."""
     target = os.path.realpath(path)
@@ -684,7 +672,7 @@ def is_bpffs_mounted(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool
             fields = left.split()
             if not sep or len(fields) < 5:
                 continue
-            if _unescape_mountinfo(fields[4]) == target:
+            if unescape_mountinfo(fields[4]) == target:
                 fstype_on_top = right.split(" ", 1)[0]  # later lines are mounted on top
     return fstype_on_top == "bpf"
 
