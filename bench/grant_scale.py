@@ -57,12 +57,7 @@ def regenerate(cgroup: str, rules: List[Rule]) -> None:
         # Past ~8,000 rules the verifier refuses a linear program outright ("sequence of
         # jumps is too complex"): regeneration cannot express the rule set at all.
         raise Refused(str(exc).splitlines()[-2:]) from None
-    cg = bpf.open_cgroup(cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
+    bpf.attach_to_cgroup(cgroup, prog_fd)
 
 
 def _ms(seconds: float, width: int = 10) -> str:

@@ -59,12 +59,7 @@ def libvirt_cgroup(n: int, fds: List[int]) -> str:
     for rule in [NULL] + filler(n):
         bpf.map_update(map_fd, bpf.key_bytes(rule.key), bpf.value_bytes(rule.value))
     prog_fd = devprog.load_libvirt_program(map_fd)
-    cg_fd = bpf.open_cgroup(cg)
-    try:
-        bpf.prog_attach(cg_fd, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg_fd)
-        bpf.close(prog_fd)
+    bpf.attach_to_cgroup(cg, prog_fd)
     return cg
 
 
@@ -74,12 +69,7 @@ def linear_cgroup(n: int) -> str | None:
         prog_fd = devprog.load_linear_program(filler(n) + [NULL])
     except bpf.BpfError:
         return None
-    cg_fd = bpf.open_cgroup(cg)
-    try:
-        bpf.prog_attach(cg_fd, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg_fd)
-        bpf.close(prog_fd)
+    bpf.attach_to_cgroup(cg, prog_fd)
     return cg
 
 

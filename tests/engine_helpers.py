@@ -112,12 +112,7 @@ def install_libvirt_like(cgroup: str, rules: List[Rule], size: int = 64) -> int:
     for key, value in RuleSet.of(rules).as_map().items():
         bpf.map_update(map_fd, bpf.key_bytes(key), bpf.value_bytes(value))
     prog_fd = devprog.load_libvirt_program(map_fd)
-    cg = bpf.open_cgroup(cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
+    bpf.attach_to_cgroup(cgroup, prog_fd)
     return map_fd
 
 
@@ -128,12 +123,7 @@ def libvirt_realloc(cgroup: str, old_map_fd: int) -> int:
     for key, value in bpf.map_items(old_map_fd, 8, 4):
         bpf.map_update(new_fd, key, value)
     prog_fd = devprog.load_libvirt_program(new_fd)
-    cg = bpf.open_cgroup(cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, 0)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
+    bpf.attach_to_cgroup(cgroup, prog_fd)
     bpf.close(old_map_fd)
     return new_fd
 

@@ -220,12 +220,7 @@ def test_stale_attach_is_redone_on_libvirts_new_map(scratch_cgroup, node_dir, di
 
 def test_foreign_multi_program_is_refused(scratch_cgroup, dirs):
     prog_fd = devprog.load_linear_program([R("c 1:3 rw")])
-    cg = bpf.open_cgroup(scratch_cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, bpf.BPF_F_ALLOW_MULTI)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
+    bpf.attach_to_cgroup(scratch_cgroup, prog_fd, bpf.BPF_F_ALLOW_MULTI)
     f = DeviceFilter(scratch_cgroup, dirs)
     assert f.mode == det.MODE_FOREIGN
     with pytest.raises(OperationError, match="ALLOW_MULTI"):
@@ -256,13 +251,8 @@ def test_ancestor_that_would_deny_is_reported(scratch_cgroup, node_dir, dirs):
     map_fd = devprog.create_libvirt_map()
     bpf.map_update(map_fd, bpf.key_bytes(R("c 1:3 rw").key), bpf.value_bytes(R("c 1:3 rw").value))
     prog_fd = devprog.load_libvirt_program(map_fd)
-    cg = bpf.open_cgroup(scratch_cgroup)
-    try:
-        bpf.prog_attach(cg, prog_fd, bpf.BPF_CGROUP_DEVICE, bpf.BPF_F_ALLOW_MULTI)
-    finally:
-        bpf.close(cg)
-        bpf.close(prog_fd)
-        bpf.close(map_fd)
+    bpf.attach_to_cgroup(scratch_cgroup, prog_fd, bpf.BPF_F_ALLOW_MULTI)
+    bpf.close(map_fd)
     f = DeviceFilter(child, dirs)
     f.grant([R("c 1:3 rw")])  # the ancestor allows it too: fine
     with pytest.raises(OperationError, match="ancestor cgroup"):

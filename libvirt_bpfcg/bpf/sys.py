@@ -496,6 +496,18 @@ def prog_attach(
     _bpf(BPF_PROG_ATTACH, attr, detail)
 
 
+def attach_to_cgroup(cgroup_dir: str, prog_fd: int, flags: int = 0) -> None:
+    """Attach a device program to a cgroup directory and close ``prog_fd``: the attachment
+    keeps the program alive. (The engine attaches with a revision check itself; this is for
+    programs that stand in for libvirt's or another manager's.)"""
+    cg_fd = open_cgroup(cgroup_dir)
+    try:
+        prog_attach(cg_fd, prog_fd, BPF_CGROUP_DEVICE, flags)
+    finally:
+        close(cg_fd)
+        close(prog_fd)
+
+
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     """BPF_PROG_DETACH of that program from the cgroup."""
     op = "BPF_PROG_DETACH"
