@@ -25,13 +25,14 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Dict, List, Sequence, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Dict, List, Sequence, TextIO, Tuple
 
 from . import log
 from .errors import EXIT_FAILED, BpfcgError, InputError
 
 if TYPE_CHECKING:  # the hook imports config (and lxml) only for ops it handles
     from .config import Config
+    from .plan import Plan
 
 OPS = {
     ("prepare", "begin"): "prepare",
@@ -141,15 +142,16 @@ class Hook:
 
     # -- plan -------------------------------------------------------------------------------
 
-    def plan(self, xml: bytes, save: bool, refuse_problems: bool = True) -> DomainPlan:
+    def plan(self, xml: bytes, save: bool, refuse_problems: bool = True
+             ) -> Tuple[DomainPlan, Plan]:
         from .hookplan import plan_for_hook
 
-        plan = plan_for_hook(xml, self.config, self.name, refuse_problems)
-        for warning in plan.warnings:
+        kept, plan = plan_for_hook(xml, self.config, self.name, refuse_problems)
+        for warning in kept.warnings:
             logger.warning("domain %s: %s", self.name, warning)
         if save:
-            self._save(plan)
-        return plan
+            self._save(kept)
+        return kept, plan
 
     def prepare(self, xml: bytes) -> int:
         self.plan(xml, save=True)
@@ -184,54 +186,43 @@ class Hook:
         from .rules import Rule
         from .state import StateDirs
 
-        # Plan again from the XML libvirt hands us now: at started, managed VFIO nodes that
-        # did not exist at prepare do now; at reconnect the live XML includes hotplugged
-        # devices, and a running guest is never refused for what no longer resolves.
-        plan = self.plan(xml, save=True, refuse_problems=not reconnect)
-        run_dir = self.config.qemu_run_dir
-        pid = cg.domain_pid(self.name, run_dir)
+        # Plan again from the XML libvirt hands us now: managed VFIO nodes that did not
+        # exist at prepare do now.
+        kept, _plan = self.plan(xml, save=True)
+        pid = cg.domain_pid(self.name, self.config.qemu_run_dir)
         directory = cg.guest_cgroup_of_pid(pid, f"domain {self.name}")
         bpf.raise_memlock()
         dirs = StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs)
         dfilter = DeviceFilter(directory, dirs, what=f"domain {self.name}",
                                record_denials=self.config.record_denials)
         mode = dfilter.mode
-        op = "reconnect" if reconnect else "started"
         if mode == det.MODE_FOREIGN:
             raise BpfcgError(f"domain {self.name}: {dfilter.detect().reason}")
-        if mode in (det.MODE_NONE, det.MODE_OWN):
-            change = dfilter.grant([Rule.parse(r) for r in plan.rules])
-        else:
-            change = dfilter.grant([Rule.parse(r) for r in plan.extra_rules])
+        wanted = kept.rules if mode in (det.MODE_NONE, det.MODE_OWN) else kept.extra_rules
+        change = dfilter.grant([Rule.parse(r) for r in wanted])
         if change.changed or change.installed:
-            logger.info("domain %s: %s: %s mode, %d rule(s) set%s", self.name, op, change.mode,
-                        len(change.changed), ", program installed" if change.installed else "")
-        for old, new in change.conflicts:
-            logger.warning("domain %s: %s and %s share one map key; only the access both ask "
-                           "for is allowed", self.name, old, new)
-        if plan.extra_nodes and self.config.create_extra_nodes:
-            from .nsdev import create_nodes_in_namespace
-
-            for message in create_nodes_in_namespace(pid, plan.extra_nodes):
-                logger.warning("domain %s: %s", self.name, message)
+            logger.info("domain %s: started: %s mode, %d rule(s) set%s", self.name,
+                        change.mode, len(change.changed),
+                        ", program installed" if change.installed else "")
+        self._create_extra_nodes(pid, kept)
         return 0
 
     def reconnect(self, xml: bytes) -> int:
         """After a daemon restart: reconcile with the live XML (hotplug may have changed it,
         libvirt's own growth may have dropped our overlay). Own map = live plan + runtime
         grants; overlay = extras + runtime grants. Problems of the live plan are warnings
-        (logged by plan) and hold back revocations; the guest is never refused."""
+        and hold back revocations; the guest is never refused."""
         from . import cgroup as cg
         from .bpf import sys as bpf
         from .reconcile import guest_filter, reconcile
         from .state import StateDirs
 
-        plan = self.plan(xml, save=True, refuse_problems=False)
+        kept, plan = self.plan(xml, save=True, refuse_problems=False)
         bpf.raise_memlock()
         dirs = StateDirs(state_dir=self.state_dir, bpffs=self.config.bpffs)
         dfilter = guest_filter(self.name, dirs, self.config.qemu_run_dir,
                                self.config.record_denials)
-        result = reconcile(dfilter, xml, self.config)
+        result = reconcile(dfilter, xml, self.config, plan=plan)
         if result.note:
             raise BpfcgError(f"domain {self.name}: {result.note}")
         if result.changed:
@@ -239,13 +230,17 @@ class Hook:
         if result.held_back and result.problems:
             logger.warning("domain %s: reconnect: nothing revoked while the live plan has "
                            "problems", self.name)
-        if plan.extra_nodes and self.config.create_extra_nodes:
-            from .nsdev import create_nodes_in_namespace
-
-            pid = cg.domain_pid(self.name, self.config.qemu_run_dir)
-            for message in create_nodes_in_namespace(pid, plan.extra_nodes):
-                logger.warning("domain %s: %s", self.name, message)
+        self._create_extra_nodes(cg.domain_pid(self.name, self.config.qemu_run_dir), kept)
         return 0
+
+    def _create_extra_nodes(self, pid: int, kept: DomainPlan) -> None:
+        """Extra devices given by path, inside QEMU's private /dev (see nsdev)."""
+        if not kept.extra_nodes or not self.config.create_extra_nodes:
+            return
+        from .nsdev import create_nodes_in_namespace
+
+        for message in create_nodes_in_namespace(pid, kept.extra_nodes):
+            logger.warning("domain %s: %s", self.name, message)
 
     # -- release ----------------------------------------------------------------------------
 

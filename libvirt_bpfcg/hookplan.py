@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .config import Config
-from .domain import ORIGIN_EXTRA, domain_info
+from .domain import ORIGIN_EXTRA
 from .errors import InputError
 from .hook import DomainPlan
-from .plan import plan_domain
-from .xmlsafe import parse_xml
+from .plan import Plan, plan_domain
 
 
 def plan_for_hook(xml: bytes, config: Config, name: str,
-                  refuse_problems: bool = True) -> DomainPlan:
-    """Plan for the hook. With ``refuse_problems`` (guest not running yet) blocking findings
-    raise one line that becomes libvirt's error; without (reconnect: the guest runs) they
-    are warnings and the rules that did resolve are still installed."""
+                  refuse_problems: bool = True) -> Tuple[DomainPlan, Plan]:
+    """Plan for the hook: what it keeps (DomainPlan) and the full plan (for reconcile).
+    With ``refuse_problems`` (guest not running yet) blocking findings raise one line that
+    becomes libvirt's error; without (reconnect: the guest runs) they are warnings and the
+    rules that did resolve are still installed."""
     plan = plan_domain(xml, config)
     warnings = []
     if plan.problems:
@@ -35,14 +35,8 @@ def plan_for_hook(xml: bytes, config: Config, name: str,
             nodes.append({"path": dev.path, "rule": str(rule)})
     warnings += [f"{a} and {b} share one map key; only the access both ask for is allowed"
                  for a, b in plan.conflicts]
-    return DomainPlan(
+    kept = DomainPlan(
         name=info.name or name, uuid=info.uuid, rules=plan.rule_list(),
         extra_rules=[str(r) for r in plan.extra_rules], extra_nodes=nodes,
         warnings=warnings, planned_at=time.time())
-
-
-def uuid_of(xml: bytes) -> str:
-    info = domain_info(parse_xml(xml, "domain XML"))
-    if not info.uuid:
-        raise InputError("the domain XML has no <uuid>")
-    return info.uuid
+    return kept, plan

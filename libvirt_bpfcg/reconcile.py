@@ -93,18 +93,21 @@ def domain_rules(plan: Plan, mode: str) -> List[Rule]:
 
 
 def reconcile(dfilter: DeviceFilter, live_xml: XmlSource, config: Config | None = None,
-              keys: Iterable[int] | None = None, host: Host | None = None) -> Reconciled:
+              keys: Iterable[int] | None = None, host: Host | None = None,
+              plan: Plan | None = None) -> Reconciled:
     """Make ``dfilter`` match the live domain XML plus the runtime grants.
 
     ``live_xml`` may be a callable (the watcher passes one that asks libvirt): it is called
     before the lock is taken. ``keys`` limits revocation to those map keys (detach).
-    ``host`` overrides where devices are looked up (tests).
+    ``host`` overrides where devices are looked up (tests). ``plan``: the caller already
+    planned ``live_xml`` (the reconnect hook), so it is not planned twice.
     """
     config = config or Config()
     epoch = HotplugEpoch(dfilter)
     started = epoch.read()
-    xml = live_xml() if callable(live_xml) else live_xml
-    plan = plan_domain(xml, config, host)
+    if plan is None:
+        xml = live_xml() if callable(live_xml) else live_xml
+        plan = plan_domain(xml, config, host)
     result = Reconciled(dfilter.what, det.MODE_NONE, plan=plan,
                         problems=[problem_line(dev) for dev in plan.problems])
     with dfilter.locked():
