@@ -19,9 +19,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     add_state_arguments(parser)
 
 
-def add_state_arguments(parser: argparse.ArgumentParser) -> None:
-    """Host paths: from the config file unless given here (the hook reads the same file)."""
-    parser.add_argument("--config", metavar="FILE",
+def add_state_arguments(parser: argparse.ArgumentParser, config_option: str = "--config"
+                        ) -> None:
+    """Host paths: from the config file unless given here (the hook reads the same file).
+    The hotplug verbs name the file ``--bpfcg-config``: there ``--config`` is virsh's flag.
+    Either way it lands in ``args.bpfcg_config``."""
+    parser.add_argument(config_option, dest="bpfcg_config", metavar="FILE",
                         help="configuration file (default /etc/libvirt/libvirt-bpfcg.conf)")
     parser.add_argument("--qemu-run-dir", metavar="DIR",
                         help=f"libvirt's QEMU pid files (default {DEFAULT_QEMU_RUN_DIR})")
@@ -35,7 +38,7 @@ def resolve_state_arguments(args: argparse.Namespace) -> None:
     """Fill the host paths not given on the command line from the config file."""
     from .config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.bpfcg_config)
     if args.qemu_run_dir is None:
         args.qemu_run_dir = config.qemu_run_dir
     if args.state_dir is None:

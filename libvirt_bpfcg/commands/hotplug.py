@@ -12,8 +12,7 @@ import sys
 from typing import TextIO
 
 from ..bpf import sys as bpf
-from ..cgroup import DEFAULT_QEMU_RUN_DIR
-from ..config import DEFAULT_CONFIG_PATH, load_config
+from ..cli_common import add_state_arguments, resolve_state_arguments
 from ..hotplug import (
     DEFAULT_DETACH_TIMEOUT,
     Hotplug,
@@ -23,7 +22,7 @@ from ..hotplug import (
     connect,
     lookup_domain,
 )
-from ..state import DEFAULT_BPFFS, DEFAULT_STATE_DIR, StateDirs
+from ..state import StateDirs
 from ..xmlsafe import read_input
 
 
@@ -63,14 +62,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="affect next boot")
     parser.add_argument("--live", action="store_true", help="affect running domain")
     parser.add_argument("--current", action="store_true", help="affect current domain")
-    parser.add_argument("--bpfcg-config", metavar="FILE",
-                        help=f"our configuration file (default {DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--qemu-run-dir", metavar="DIR",
-                        help=f"libvirt's QEMU pid files (default {DEFAULT_QEMU_RUN_DIR})")
-    parser.add_argument("--state-dir", metavar="DIR",
-                        help=f"locks and runtime grants (default {DEFAULT_STATE_DIR})")
-    parser.add_argument("--bpffs", metavar="DIR",
-                        help=f"bpf file system for pinned maps (default {DEFAULT_BPFFS})")
+    add_state_arguments(parser, config_option="--bpfcg-config")
 
 
 def _seconds(text: str) -> float:
@@ -84,16 +76,16 @@ def _seconds(text: str) -> float:
 
 
 def _hotplug(args: argparse.Namespace) -> tuple:
-    config = load_config(args.bpfcg_config)
-    dirs = StateDirs(state_dir=args.state_dir or config.state_dir,
-                     bpffs=args.bpffs or config.bpffs)
+    resolve_state_arguments(args)
+    config = args.loaded_config
+    dirs = StateDirs(state_dir=args.state_dir, bpffs=args.bpffs)
     xml = read_input(args.file)  # before connecting: a bad path is a usage error
     bpf.raise_memlock()
     conn = connect(args.connect)
     dom = lookup_domain(conn, args.domain)
     flags = affect_flags(args.live, args.config, args.persistent, args.current,
                          bool(dom.isActive()))
-    return Hotplug(conn, dom, config, dirs, args.qemu_run_dir or config.qemu_run_dir), \
+    return Hotplug(conn, dom, config, dirs, args.qemu_run_dir), \
         xml, flags
 
 
