@@ -19,7 +19,6 @@ traceback ever reaches libvirt: every failure is one line on stderr and in syslo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -50,7 +49,8 @@ logger = logging.getLogger(log.LOGGER_NAME)
 
 @dataclass
 class DomainPlan:
-    """What the hook keeps between ``prepare`` and ``started`` (JSON in the state dir)."""
+    """What the hook records of a guest's plan (JSON in the state dir; ``explain`` reads it
+    when libvirt's status XML is not there)."""
 
     name: str
     uuid: str
@@ -62,10 +62,6 @@ class DomainPlan:
 
     def to_json(self) -> Dict[str, object]:
         return dict(self.__dict__)
-
-    @classmethod
-    def from_json(cls, data: Dict[str, object]) -> DomainPlan:
-        return cls(**data)  # type: ignore[arg-type]
 
 
 def run(argv: Sequence[str], stdin: BinaryIO, stderr: TextIO | None = None) -> int:
@@ -164,6 +160,8 @@ class Hook:
         return os.path.join(self.state_dir, "domains", safe + ".json")
 
     def _save(self, plan: DomainPlan) -> None:
+        import json  # here, not at the top: release and ignored ops never need it
+
         from .state import make_private_dir
 
         path = self._plan_path(plan.uuid)
