@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "libvirt_bpfcg.commands.plan",
     "libvirt_bpfcg.commands.explain", "libvirt_bpfcg.commands.doctor",
     "libvirt_bpfcg.commands.hotplug", "libvirt_bpfcg.commands.watch",
+    "libvirt_bpfcg.commands.hookserver",
 ]
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, Dict, List, Sequence, TextIO, Tuple
 
 from . import log
 from .errors import EXIT_FAILED, BpfcgError, InputError
+from .hookclient import MAX_XML_BYTES
 
 if TYPE_CHECKING:  # the hook imports config (and lxml) only for ops it handles
     from .config import Config
@@ -41,7 +42,6 @@ OPS = {
     ("migrate", "begin"): "validate",
     ("restore", "begin"): "validate",
 }
-MAX_XML_BYTES = 64 * 1024 * 1024  # a domain XML is KBs; refuse to buffer absurd input
 _UUID_RE = re.compile(rb"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
 
 logger = logging.getLogger(log.LOGGER_NAME)
@@ -65,24 +65,36 @@ class DomainPlan:
 
 
 def run(argv: Sequence[str], stdin: BinaryIO, stderr: TextIO | None = None) -> int:
-    """Entry point: never raises, never writes to stdout."""
+    """Process entry point (``hooks/qemu``): never raises, never writes to stdout."""
     stderr = stderr or sys.stderr
     real_stdout = sys.stdout
     sys.stdout = stderr  # anything printed by accident must not reach libvirt's XML filter
     try:
         log.setup(stream=stderr, use_syslog=True)
-        return _dispatch(list(argv), stdin)
+        return handle(argv, stdin, os.environ.get("LIBVIRT_BPFCG_CONFIG"))
+    except Exception as exc:  # noqa: BLE001 - logging itself failed: still one line, no traceback
+        stderr.write(log.one_line(f"{log.LOGGER_NAME}: internal error: {type(exc).__name__}: "
+                                  f"{exc}") + "\n")
+        return EXIT_FAILED
+    finally:
+        sys.stdout = real_stdout
+
+
+def handle(argv: Sequence[str], stdin: BinaryIO, config_path: str | None) -> int:
+    """One event, logged through the libvirt-bpfcg logger as its caller set it up (the hook
+    process above, or the hook server relaying what this logs as the hook's stderr).
+    ``config_path``: our config file (None: the default). Never raises."""
+    try:
+        return _dispatch(list(argv), stdin, config_path)
     except BpfcgError as exc:
         logger.error("%s", exc)
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - the hook must never show libvirt a traceback
         logger.error("internal error: %s: %s", type(exc).__name__, exc)
         return EXIT_FAILED
-    finally:
-        sys.stdout = real_stdout
 
 
-def _dispatch(argv: List[str], stdin: BinaryIO) -> int:
+def _dispatch(argv: List[str], stdin: BinaryIO, config_path: str | None) -> int:
     if len(argv) < 4:
         return 0
     name, op = argv[1], OPS.get((argv[2], argv[3]))
@@ -90,7 +102,7 @@ def _dispatch(argv: List[str], stdin: BinaryIO) -> int:
         return 0
     from .config import load_config  # only now: ignored ops stay import-free
 
-    config = load_config(os.environ.get("LIBVIRT_BPFCG_CONFIG"))
+    config = load_config(config_path)
     hook = Hook(config, name)
     if op == "release":
         return hook.release(_read_xml(stdin))

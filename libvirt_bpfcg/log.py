@@ -6,6 +6,7 @@ with the program name in front; syslog gets the same lines for the admin's journ
 
 from __future__ import annotations
 
+import io  # loaded with the interpreter: free
 import logging
 import os
 import sys
@@ -65,6 +66,29 @@ def setup(verbose: bool = False, stream: TextIO | None = None,
         sys_handler.setLevel(logging.INFO)
         logger.addHandler(sys_handler)
     return logger
+
+
+class CapturedWarnings:
+    """``with CapturedWarnings() as buffer:`` also writes this thread's warnings and errors,
+    formatted exactly as the hook prints them on stderr, into ``buffer``: the hook server
+    relays them as the served hook's stderr, which libvirt turns into its error message."""
+
+    def __init__(self) -> None:
+        import threading  # the hook process never needs it
+
+        self.buffer = io.StringIO()
+        self._handler = logging.StreamHandler(self.buffer)
+        self._handler.setFormatter(_OneLineFormatter())
+        self._handler.setLevel(logging.WARNING)
+        thread = threading.get_ident()
+        self._handler.addFilter(lambda record: record.thread == thread)
+
+    def __enter__(self) -> io.StringIO:
+        get().addHandler(self._handler)
+        return self.buffer
+
+    def __exit__(self, *exc: object) -> None:
+        get().removeHandler(self._handler)
 
 
 def get() -> logging.Logger:

@@ -1,5 +1,6 @@
 """Running our CLI inside the lab's namespace, as an admin on that host would: one-shot
-(``cli``) or as a background service (``WatchProcess``, always stopped in a finally)."""
+(``cli``) or as a background service (``WatchProcess``, ``HookServerProcess``, always
+stopped in a finally)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,32 @@ HOOK = os.path.join(ROOT, "hooks", "qemu")
 EXTRAS_NS = "https://libvirt-bpfcg.org/xmlns/extras/1"
 
 
+GATE = os.path.join(ROOT, "hooks", "50-libvirt-bpfcg")
+INSTALLED_HOOK = "/usr/libexec/libvirt-bpfcg/qemu-hook"  # where the gate looks for the hook
+
+
+def gate_script(hook_path: str) -> str:
+    """The packaged gate (hooks/50-libvirt-bpfcg), pointed at ``hook_path`` instead of the
+    installed Python hook: the only line the packages and the lab differ in."""
+    with open(GATE) as handle:
+        text = handle.read()
+    line = f"hook={INSTALLED_HOOK}\n"
+    assert text.count(line) == 1, f"{GATE} no longer sets {line.strip()}"
+    return text.replace(line, f"hook={hook_path}\n")
+
+
 def install_hook(lab, body: str = "") -> None:
-    """Our hook in the lab's qemu.d/, run by this checkout's interpreter (libvirtd passes
-    only PATH and LC_ALL), with the lab's config file naming our state dir."""
+    """Our hook in the lab's qemu.d/ as the packages install it: the gate, then the Python
+    hook, run here through a launcher (this checkout's interpreter: libvirtd passes only PATH
+    and LC_ALL), with the lab's config file naming our state dir. ``body``: the launcher's
+    shell command instead of the plain hook."""
     with open(os.path.join(lab.lab_dir, "etc", "libvirt-bpfcg.conf"), "w") as handle:
         handle.write(f"[hook]\nstate_dir = {STATE_DIR}\n")
-    launcher = body or f'exec {sys.executable} -S {HOOK} "$@"'
-    lab.install_hook(f"#!/bin/sh\n{launcher}\n")
+    launcher = os.path.join(lab.lab_dir, "bpfcg-hook")  # same path inside the namespace
+    with open(launcher, "w") as handle:
+        handle.write("#!/bin/sh\n" + (body or f'exec {sys.executable} -S {HOOK} "$@"') + "\n")
+    os.chmod(launcher, 0o755)
+    lab.install_hook(gate_script(launcher))
 
 
 def extras_xml(*paths: str) -> str:
@@ -56,14 +76,15 @@ def cli(lab, *args: str, expect: int = 0, input: str | None = None  # noqa: A002
     return proc
 
 
-class WatchProcess:
-    """``libvirt-bpfcg watch`` running in the lab; its log is kept in the lab dir."""
+class LabService:
+    """``libvirt-bpfcg ARGS`` running in the lab as a service; its log is kept in the lab dir.
+    Always stopped (SIGTERM) in a finally or a with block."""
 
-    def __init__(self, lab, *extra: str, debug: bool = False) -> None:
-        self.log_path = os.path.join(lab.lab_dir, "log", f"watch-{time.monotonic_ns()}.log")
+    def __init__(self, lab, *args: str, debug: bool = False) -> None:
+        self.log_path = os.path.join(lab.lab_dir, "log",
+                                     f"{args[0]}-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        argv = cli_argv(*(["--debug"] if debug else []), "watch", "-c", lab.uri,
-                        "--state-dir", STATE_DIR, *extra)
+        argv = cli_argv(*(["--debug"] if debug else []), *args)
         self.proc = subprocess.Popen(ns_argv(lab, argv), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.returncode: int | None = None
@@ -94,11 +115,32 @@ class WatchProcess:
         self.returncode = self.proc.returncode
         return self.returncode
 
-    def __enter__(self) -> WatchProcess:
+    def __enter__(self) -> LabService:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WatchProcess(LabService):
+    """``libvirt-bpfcg watch`` on the lab's libvirtd, with the lab's state dir."""
+
+    def __init__(self, lab, *extra: str, debug: bool = False) -> None:
+        super().__init__(lab, "watch", "-c", lab.uri, "--state-dir", STATE_DIR, *extra,
+                         debug=debug)
+
+
+class HookServerProcess(LabService):
+    """``libvirt-bpfcg hook-server`` in the lab, on the socket the lab's hooks look for
+    (the lab mounts a /run/libvirt-bpfcg of its own); returns once it listens."""
+
+    def __init__(self, lab, *extra: str) -> None:
+        super().__init__(lab, "hook-server", *extra, debug=True)
+        self.wait_for("listening on")
+
+    def served(self) -> int:
+        """Requests the server answered itself (its debug log has one line per request)."""
+        return len(re.findall(r"hook server: .* -> \d+ in ", self.log()))
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.01) -> float:

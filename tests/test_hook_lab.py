@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Dict, List
 
 import pytest
-from lab_cli import HOOK, STATE_DIR, extras_xml, install_hook
+from lab_cli import HOOK, STATE_DIR, HookServerProcess, extras_xml, install_hook
 
 from libvirt_bpfcg import detect as det
 from libvirt_bpfcg.bpf import sys as bpf
@@ -153,6 +154,42 @@ def test_libvirt_growth_past_64_then_reconnect_reinstalls_overlay(hooked_lab, la
         for loop in loops:
             lab.free_loop(loop)
     assert "BPF" not in _errors(lab.libvirtd_log())
+
+
+def test_hook_server_serves_the_events_and_a_killed_one_changes_nothing(hooked_lab, lab_guest):
+    """As the packages set it up (the hook server's socket enabled): the hook hands prepare,
+    started and release to the server, refusals included. Killed, the server leaves a
+    stale socket behind and the hook does the same work itself."""
+    lab = hooked_lab
+    extra = lab.new_loop("srv-extra")
+    socket_path = os.path.join(lab.lab_dir, "bpfcg-run", "hook.sock")
+    with HookServerProcess(lab) as server:
+        guest = lab_guest(lab=lab, name="served", metadata_xml=extras_xml(extra))
+        assert det.detect(guest.cgroup).overlay_installed
+        assert opens(guest, [extra, guest.disks[0]]) == [0, 0]
+        listing = lab.ns_run(["/usr/bin/nsenter", "-t", str(guest.qemu_pid), "-m",
+                              "/bin/ls", "-l", extra]).stdout
+        assert listing.startswith("b"), listing
+        lab.destroy(guest.name)
+        with pytest.raises(Exception) as info:
+            lab_guest(lab=lab, name="srvforbid", metadata_xml=extras_xml("/dev/port"))
+        assert "/dev/port" in str(info.value)
+        log = server.log()
+        for event in ("served prepare begin -> 0", "served started begin -> 0",
+                      "served release end -> 0", "srvforbid prepare begin -> 1"):
+            assert re.search(rf"hook server: {event} in ", log), (event, log)
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+    assert os.path.exists(socket_path), "SIGKILL leaves the socket file"
+    try:
+        guest = lab_guest(lab=lab, name="served2", metadata_xml=extras_xml(extra))
+        assert det.detect(guest.cgroup).overlay_installed
+        assert opens(guest, [extra]) == [0]
+        lab.destroy(guest.name)
+        assert not [line for line in lab.libvirtd_log().splitlines()
+                    if "Hook script execution failed" in line and "served2" in line]
+    finally:
+        os.unlink(socket_path)
 
 
 def test_reconnect_hook_that_raises_leaves_guest_running(lab, lab_guest):

@@ -38,6 +38,8 @@ BIND_MOUNTS = (
     ("run", "/run/libvirt"),
     ("log", "/var/log/libvirt"),
     ("cache", "/var/cache/libvirt"),
+    # our own default state dir and the hook server's socket, as in a container of its own
+    ("bpfcg-run", "/run/libvirt-bpfcg"),
     # copies with a libvirt-qemu user: the QEMU driver resolves its compiled-in default user
     # before reading qemu.conf (P1); only this namespace sees them
     ("passwd", "/etc/passwd"),

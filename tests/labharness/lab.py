@@ -71,7 +71,7 @@ LAB_PREFIX = "bpfcg-lab-"
 DEFAULT_BASE = "/tmp"
 # host directories the namespace binds over; the host must have them as (empty) mount points
 MOUNTPOINTS = ("/etc/libvirt", "/var/lib/libvirt", "/run/libvirt", "/var/log/libvirt",
-               "/var/cache/libvirt")
+               "/var/cache/libvirt", "/run/libvirt-bpfcg")
 # left inside a mount-point directory a lab created, so whichever lab is last removes it
 MOUNTPOINT_MARKER = ".bpfcg-lab-mountpoint"
 VIRSH_ENV = dict(os.environ, LC_ALL="C")
@@ -207,6 +207,7 @@ class Lab:
     def _write_files(self, qemu_conf_extra: str, namespaces: str | None) -> None:
         for sub in ("etc/hooks/qemu.d", "lib", "run", "log", "cache", "images", "xml"):
             os.makedirs(self._path(sub), exist_ok=True)
+        os.makedirs(self._path("bpfcg-run"), mode=0o700, exist_ok=True)
         write_file(self._path("etc", "libvirtd.conf"), config.LIBVIRTD_CONF)
         write_file(self._path("etc", "qemu.conf"), config.qemu_conf(qemu_conf_extra, namespaces))
         write_file(self._path("etc", "hooks", "qemu"), config.NOOP_HOOK, mode=0o755)
