@@ -11,7 +11,9 @@ unset VIRTUAL_ENV PYTHONPATH PYTHONHOME
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/libvirt_bpfcg/__init__.py")
 [ -n "$VERSION" ] || { echo "cannot read __version__ from libvirt_bpfcg/__init__.py" >&2; exit 2; }
 
-for f in hooks/qemu packaging/libvirt-bpfcg.conf packaging/systemd/libvirt-bpfcg-watch.service; do
+for f in hooks/qemu hooks/50-libvirt-bpfcg packaging/libvirt-bpfcg.conf \
+         packaging/systemd/libvirt-bpfcg-watch.service packaging/systemd/libvirt-bpfcg-hook.socket \
+         packaging/systemd/libvirt-bpfcg-hook.service packaging/systemd/80-libvirt-bpfcg.preset; do
     [ -f "$ROOT/$f" ] || { echo "$f is missing from the checkout" >&2; exit 2; }
 done
 

@@ -32,7 +32,10 @@ CACHE_DIR = Path("/var/cache/libvirt-bpfcg-tests")
 CHROOT_PREFIX = "libvirt-bpfcg-chroot-"
 CHROOT_PARENT = "/var/tmp"  # not pytest's tmp: its rotation must never meet a /proc mount
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-HOOK = "/etc/libvirt/hooks/qemu.d/50-libvirt-bpfcg"
+HOOK = "/etc/libvirt/hooks/qemu.d/50-libvirt-bpfcg"  # the gate (hooks/50-libvirt-bpfcg)
+QEMU_HOOK = "/usr/libexec/libvirt-bpfcg/qemu-hook"  # the Python hook (hooks/qemu)
+UNITS = ("libvirt-bpfcg-watch.service", "libvirt-bpfcg-hook.socket",
+         "libvirt-bpfcg-hook.service")
 CONF = "/etc/libvirt/libvirt-bpfcg.conf"
 SENTINEL_HOOK = "#!/bin/sh\n# the admin's own hook: no package may replace it\nexit 0\n"
 
@@ -233,9 +236,9 @@ def deb_listing(deb: str) -> Dict[str, str]:
 @pytest.mark.packaging
 def test_deb_lists_hook_package_unit_man_page_and_config(packages):
     listing = deb_listing(packages.deb)
-    assert listing[HOOK] == "-rwxr-xr-x"
+    assert listing[HOOK] == listing[QEMU_HOOK] == "-rwxr-xr-x"
     assert listing[CONF] == "-rw-r--r--"
-    for path in ("/usr/bin/libvirt-bpfcg", "/lib/systemd/system/libvirt-bpfcg-watch.service",
+    for path in ("/usr/bin/libvirt-bpfcg", *(f"/lib/systemd/system/{u}" for u in UNITS),
                  "/usr/share/man/man8/libvirt-bpfcg.8.gz",
                  "/usr/share/bash-completion/completions/libvirt-bpfcg",
                  "/usr/libexec/libvirt-bpfcg/hook-advice"):
@@ -244,7 +247,7 @@ def test_deb_lists_hook_package_unit_man_page_and_config(packages):
     for module in source_modules():
         assert f"/usr/lib/python3/dist-packages/{module}" in packaged, module
     assert "/etc/libvirt/hooks/qemu" not in listing
-    assert not [p for p in listing if "/etc/systemd/" in p]  # the unit is not enabled
+    assert not [p for p in listing if "/etc/systemd/" in p]  # enabling is postinst's job
 
 
 @pytest.mark.packaging
@@ -256,7 +259,9 @@ def test_deb_control_conffiles_and_payload(packages, tmp_path):
     conffiles = run(["dpkg-deb", "-I", packages.deb, "conffiles"]).stdout.split()
     assert set(conffiles) == {HOOK, CONF}
     run(["dpkg-deb", "-x", packages.deb, str(tmp_path)])
-    assert (tmp_path / HOOK.lstrip("/")).read_bytes() == (ROOT / "hooks/qemu").read_bytes()
+    assert (tmp_path / HOOK.lstrip("/")).read_bytes() == \
+        (ROOT / "hooks/50-libvirt-bpfcg").read_bytes()
+    assert (tmp_path / QEMU_HOOK.lstrip("/")).read_bytes() == (ROOT / "hooks/qemu").read_bytes()
     assert (tmp_path / CONF.lstrip("/")).read_bytes() == \
         (ROOT / "packaging/libvirt-bpfcg.conf").read_bytes()
     page = gzip.decompress((tmp_path / "usr/share/man/man8/libvirt-bpfcg.8.gz").read_bytes())
@@ -267,8 +272,9 @@ def test_deb_control_conffiles_and_payload(packages, tmp_path):
 @pytest.mark.packaging
 def test_rpm_lists_hook_package_unit_man_page_and_config(packages):
     listing = run(["rpm", "-qlp", packages.rpm]).stdout.split()
-    for path in (HOOK, CONF, "/usr/bin/libvirt-bpfcg",
-                 "/usr/lib/systemd/system/libvirt-bpfcg-watch.service",
+    for path in (HOOK, QEMU_HOOK, CONF, "/usr/bin/libvirt-bpfcg",
+                 *(f"/usr/lib/systemd/system/{u}" for u in UNITS),
+                 "/usr/lib/systemd/system-preset/80-libvirt-bpfcg.preset",
                  "/usr/share/bash-completion/completions/libvirt-bpfcg",
                  "/usr/libexec/libvirt-bpfcg/hook-advice"):
         assert path in listing, path
@@ -289,8 +295,16 @@ def test_rpm_metadata_config_files_and_scriptlets(packages):
     requires = run(["rpm", "-qp", "--requires", packages.rpm]).stdout.splitlines()
     assert {"python3-lxml", "python3-libvirt"} <= {r.split()[0] for r in requires}
     modes = run(["rpm", "-qlvp", packages.rpm]).stdout
-    assert re.search(rf"^-rwxr-xr-x .* {re.escape(HOOK)}$", modes, re.M)
+    for path in (HOOK, QEMU_HOOK):
+        assert re.search(rf"^-rwxr-xr-x .* {re.escape(path)}$", modes, re.M), path
     assert "hook-advice" in run(["rpm", "-qp", "--scripts", packages.rpm]).stdout
+    # Debian's rpmbuild has no %systemd_post: the spec applies presets where it exists, and
+    # the preset enables the hook server's socket (never the watcher).
+    spec = (ROOT / "packaging/rpm/libvirt-bpfcg.spec").read_text()
+    assert re.search(r"^%systemd_post libvirt-bpfcg-hook\.socket", spec, re.M)
+    preset = (ROOT / "packaging/systemd/80-libvirt-bpfcg.preset").read_text()
+    assert [ln for ln in preset.splitlines() if ln and not ln.startswith("#")] == \
+        ["enable libvirt-bpfcg-hook.socket"]
 
 
 # --- the post-install advice (packaging/hook-advice) --------------------------------------
@@ -520,12 +534,15 @@ def test_install_tells_the_admin_to_reload_a_daemon_that_saw_no_hook(debian_root
 
 
 @pytest.mark.packaging
-def test_install_keeps_the_admins_qemu_hook_and_leaves_the_unit_disabled(debian_root):
+def test_install_keeps_the_admins_qemu_hook_enables_the_socket_not_the_watcher(debian_root):
     root = debian_root.path
     admins = root / "etc/libvirt/hooks/qemu"
     assert (admins.read_text(), admins.stat().st_mode & 0o777) == (SENTINEL_HOOK, 0o644)
-    assert (root / "lib/systemd/system/libvirt-bpfcg-watch.service").is_file()
+    for unit in UNITS:
+        assert (root / "lib/systemd/system" / unit).is_file(), unit
     assert not list((root / "etc/systemd").rglob("libvirt-bpfcg-watch.service"))
+    assert (root / "etc/systemd/system/sockets.target.wants/libvirt-bpfcg-hook.socket"
+            ).is_symlink()
     conffiles = in_root_ok(root, "dpkg-query", "-W", "-f=${Conffiles}", "libvirt-bpfcg")
     assert HOOK in conffiles and CONF in conffiles
     assert (root / "usr/share/man/man8/libvirt-bpfcg.8.gz").is_file()
@@ -540,6 +557,7 @@ def test_removed_but_not_purged_the_left_hook_lets_guests_start(debian_root):
     root = debian_root.path
     in_root_ok(root, "apt-get", "remove", "-y", "libvirt-bpfcg", extra_env=APT_ENV)
     assert (root / HOOK.lstrip("/")).exists()
+    assert not (root / QEMU_HOOK.lstrip("/")).exists()
     proc = in_root(root, HOOK, "guest1", "prepare", "begin", "-",
                    stdin=(root / "tmp/guest1.xml").read_bytes())
     assert (proc.returncode, proc.stdout) == (0, b""), proc.stderr.decode()
@@ -556,21 +574,24 @@ def test_removed_but_not_purged_the_left_hook_lets_guests_start(debian_root):
 @pytest.mark.lab
 def test_packaged_hook_filters_a_guest_in_the_lab(packages, lab_nobpf, lab_guest, tmp_path):
     """Own mode: libvirtd cannot use bpf(2), so only the packaged hook can filter the guest.
-    The package is not installed on the host: the lab's hook is a wrapper that runs the hook
-    file from the unpacked .deb with the unpacked dist-packages on PYTHONPATH (libvirtd
-    itself passes a hook nothing but LC_ALL and PATH)."""
+    The package is not installed on the host: the lab's qemu.d gets the .deb's gate, pointed
+    at a wrapper that runs the .deb's hook with the unpacked dist-packages on PYTHONPATH
+    (libvirtd itself passes a hook nothing but LC_ALL and PATH)."""
     from labharness import device_programs
 
     tree = tmp_path / "deb"
     run(["dpkg-deb", "-x", packages.deb, str(tree)])
-    hook = tree / HOOK.lstrip("/")
+    gate = (tree / HOOK.lstrip("/")).read_text()
     site = tree / "usr/lib/python3/dist-packages"
     # The host's python3 must not find the package anywhere else.
     assert run(["/usr/bin/python3", "-c", "import libvirt_bpfcg"], check=False,
                env={"PATH": SYSTEM_PATH}, cwd="/").returncode != 0
-    wrapper = (f"#!/bin/sh\n# the hook from the .deb, its package from the unpacked tree\n"
-               f"PYTHONPATH={site} exec {hook} \"$@\"\n")
-    lab_nobpf.install_hook(wrapper)
+    wrapper = tmp_path / "qemu-hook"
+    wrapper.write_text(f"#!/bin/sh\n# the hook from the .deb, its package from the unpacked "
+                       f"tree\nPYTHONPATH={site} exec {tree / QEMU_HOOK.lstrip('/')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    assert f"hook={QEMU_HOOK}\n" in gate
+    lab_nobpf.install_hook(gate.replace(f"hook={QEMU_HOOK}\n", f"hook={wrapper}\n"))
     other = lab_nobpf.new_loop("pkg-other")
     guest = None
     try:
