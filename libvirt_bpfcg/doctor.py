@@ -29,6 +29,7 @@ from .bpf import devprog
 from .bpf import sys as bpf
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import BpfcgError
+from .hookclient import SOCKET_PATH, call_server
 
 OK = "ok"
 WARN = "warn"
@@ -43,6 +44,7 @@ QEMU_D_SINCE = (6, 5, 0)  # hooks/qemu.d/ (libvirt-facts §4)
 BPF_DEVICES_SINCE = (5, 10, 0)  # libvirt's own cgroup v2 device filter
 MEMLOCK_CHARGED_BEFORE = (5, 11)  # kernels that charge BPF memory to RLIMIT_MEMLOCK
 OUR_MARKER = "libvirt_bpfcg"  # text in our hook (it imports the package)
+GATE_TARGET = re.compile(r"^hook=(/\S+)$", re.M)  # the line of hooks/50-libvirt-bpfcg
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Paths:
     bpffs: str | None = None  # None: the config's bpffs
     mountinfo: str = "/proc/self/mountinfo"
     proc: str = "/proc"
+    hook_socket: str = SOCKET_PATH
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,7 +398,19 @@ def check_hook(paths: Paths, version: Version | None) -> Tuple[List[Check], Hook
         checks.append(Check("hook", FAIL, f"{ours.path} is not executable: libvirt skips it",
                             f"chmod 0755 {ours.path}"))
         return checks, ours
-    interpreter, how = hook_interpreter(_read_head(ours.path))
+    runs, text = ours.path, _read_head(ours.path)
+    gated = GATE_TARGET.search(text)
+    if gated:  # the packages' gate: what it execs is the hook to check
+        runs = gated.group(1)
+        if not os.access(runs, os.X_OK) or not os.path.isfile(runs):
+            checks.append(Check("hook", FAIL, f"{ours.path} hands events to {runs}, which is "
+                                "missing or not executable: the gate then does nothing and "
+                                "no guest is filtered", "reinstall the libvirt-bpfcg package"))
+            return checks, ours
+        text = _read_head(runs)
+    interpreter, how = hook_interpreter(text)
+    if gated:
+        how = f"gate, then {runs}: {how}"
     if interpreter is None:
         checks.append(Check("hook", WARN, f"{ours.path}: {how}; cannot verify the package "
                             "imports", "use an absolute Python path in the #! line"))
@@ -422,6 +437,23 @@ def check_hook(paths: Paths, version: Version | None) -> Tuple[List[Check], Hook
             checks.append(Check("qemu.d support", OK, f"libvirt {_version_text(version)} runs "
                                 "hooks/qemu.d/* (since 6.5)"))
     return checks, ours
+
+
+def check_hook_server(paths: Paths) -> List[Check]:
+    """Is a hook server answering where the hook looks (a ping: an event the hook ignores)?"""
+    fix = "systemctl enable --now libvirt-bpfcg-hook.socket (or run libvirt-bpfcg hook-server)"
+    if not os.path.exists(paths.hook_socket):
+        return [Check("hook server", WARN, f"nothing at {paths.hook_socket}: the hook does "
+                      "each event's work itself, which makes every guest start slower", fix)]
+    started = time.monotonic()
+    answer = call_server(["hook", "-", "ping", "-", "-"], b"", path=paths.hook_socket,
+                         timeout=5.0, report=False)
+    took = (time.monotonic() - started) * 1e3
+    if answer is None:
+        return [Check("hook server", WARN, f"{paths.hook_socket} exists but no server answered "
+                      "us: a stale socket, or a server in other namespaces (it serves only "
+                      "hooks that see what it sees); the hook does the work itself", fix)]
+    return [Check("hook server", OK, f"answering on {paths.hook_socket} ({took:.1f} ms)")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -596,6 +628,7 @@ def run_checks(paths: Paths) -> List[Check]:
     checks += check_qemu_conf(config)
     hook_checks, ours = check_hook(paths, version)
     checks += hook_checks
+    checks += check_hook_server(paths)
     checks += check_pickup(paths, daemons, ours)
     checks += check_guests(config, paths)
     return checks

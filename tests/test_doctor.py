@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from libvirt_bpfcg import doctor
+from libvirt_bpfcg import doctor, hookserver
 from libvirt_bpfcg.config import Config
 from libvirt_bpfcg.doctor import FAIL, OK, WARN, Paths
 
@@ -138,6 +139,64 @@ def test_wrapper_script_is_followed_to_its_python(host):
     os.chmod(target, 0o755)
     check = hook_check(host)
     assert check["status"] == OK and f"runs {sys.executable}" in check["detail"]
+
+
+def install_gate(host, hook_path: str) -> str:
+    """The packages' gate in qemu.d, handing events to ``hook_path``."""
+    os.makedirs(os.path.join(host["hooks"], "qemu.d"), exist_ok=True)
+    target = os.path.join(host["hooks"], "qemu.d", doctor.HOOK_NAME)
+    with open(os.path.join(ROOT, "hooks", "50-libvirt-bpfcg")) as handle:
+        text = handle.read().replace("hook=/usr/libexec/libvirt-bpfcg/qemu-hook\n",
+                                     f"hook={hook_path}\n")
+    with open(target, "w") as handle:
+        handle.write(text)
+    os.chmod(target, 0o755)
+    return target
+
+
+def test_the_packages_gate_is_followed_to_the_hook_it_runs(host):
+    wrapper = host["tmp"] / "qemu-hook"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S {HOOK} "$@"\n')
+    wrapper.chmod(0o755)
+    install_gate(host, str(wrapper))
+    check = hook_check(host)
+    assert check["status"] == OK, check
+    assert f"gate, then {wrapper}" in check["detail"] and f"runs {sys.executable}" in \
+        check["detail"]
+
+
+def test_a_gate_whose_hook_is_gone_fails(host):
+    install_gate(host, str(host["tmp"] / "removed"))
+    check = hook_check(host)
+    assert check["status"] == FAIL and "missing or not executable" in check["detail"]
+    assert "reinstall" in check["fix"]
+
+
+def test_hook_server_check_no_socket_stale_socket_and_a_live_server(host):
+    path = str(host["tmp"] / "run-bpfcg" / "hook.sock")
+    paths = Paths(hook_socket=path)
+    (missing,) = doctor.check_hook_server(paths)
+    assert missing.status == WARN and "nothing at" in missing.detail
+    assert "libvirt-bpfcg-hook.socket" in missing.fix
+    listener = hookserver.bind_listener(path)
+    listener.close()  # bound, never served: what a killed server leaves
+    (stale,) = doctor.check_hook_server(paths)
+    assert stale.status == WARN and "no server answered" in stale.detail
+    server = subprocess.Popen([sys.executable, "-m", "libvirt_bpfcg", "hook-server", "--socket",
+                               path], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not hookserver.answering(path):
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        (live,) = doctor.check_hook_server(paths)
+        assert live.status == OK and f"answering on {path}" in live.detail
+        text = run_doctor(*args_for(host), "--hook-socket", path).stdout
+        assert re.search(r"^ok +hook server +answering on", text, re.M), text
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
 
 
 def test_our_hook_as_hooks_qemu_needs_no_qemu_d(host):

@@ -9,6 +9,7 @@ from ..cgroup import DEFAULT_QEMU_RUN_DIR
 from ..cli_common import print_json
 from ..config import DEFAULT_CONFIG_PATH
 from ..doctor import DEFAULT_HOOKS_DIR, OK, Check, Paths, exit_code, run_checks, summary
+from ..hookclient import SOCKET_PATH
 from ..state import DEFAULT_BPFFS
 
 
@@ -18,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Check host readiness: cgroup2 mounts (and hybrid layouts), bpf(2) and "
                     "denial recording, the memlock limit, bpffs, the libvirt version, "
                     "qemu.conf's cgroup settings, whether our hook is installed where libvirt "
-                    "looks and whether the running daemon picked it up, and the mode of every "
+                    "looks and whether the running daemon picked it up, whether a hook server "
+                    "answers, and the mode of every "
                     "running guest. Each problem comes with a fix. Exit code 0 when no check "
                     "fails, 1 otherwise.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -33,12 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--bpffs", metavar="DIR",
                         help=f"bpf file system for pinned maps (default: the config's, else "
                              f"{DEFAULT_BPFFS})")
+    parser.add_argument("--hook-socket", default=SOCKET_PATH, metavar="PATH",
+                        help=f"where the hook looks for the hook server (default "
+                             f"{SOCKET_PATH})")
     parser.set_defaults(func=run_doctor)
 
 
 def run_doctor(args: argparse.Namespace, out: TextIO) -> int:
     paths = Paths(hooks_dir=args.hooks_dir, qemu_run_dir=args.qemu_run_dir,
-                  config=args.config, bpffs=args.bpffs)
+                  config=args.config, bpffs=args.bpffs, hook_socket=args.hook_socket)
     checks = run_checks(paths)
     if args.json:
         print_json({"checks": [c.to_json() for c in checks], "summary": summary(checks)}, out)
