@@ -24,9 +24,14 @@ FILES = [
     ("/etc/libvirt/libvirt-bpfcg.conf",
      "Configuration (INI). Every key is optional; a missing file means the defaults."),
     ("/etc/libvirt/hooks/qemu.d/50-libvirt-bpfcg",
-     "The QEMU hook that libvirtd (or virtqemud) runs on guest events."),
+     "The gate that libvirtd (or virtqemud) runs on every guest event: a shell script that "
+     "answers the events libvirt-bpfcg ignores and runs the hook for the others."),
+    ("/usr/libexec/libvirt-bpfcg/qemu-hook",
+     "The QEMU hook: hands the event to the hook server when one answers, else handles it."),
     ("/run/libvirt-bpfcg",
      "Runtime state: per-guest plans and locks."),
+    ("/run/libvirt-bpfcg/hook.sock",
+     "The hook server's socket (libvirt-bpfcg-hook.socket starts the server on demand)."),
     ("/sys/fs/bpf/libvirt-bpfcg",
      "Pinned overlay and denial maps (bpffs is mounted at /sys/fs/bpf if absent)."),
 ]
@@ -273,8 +278,9 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         esc(f"{PROG} is a libvirt QEMU hook plus a command line tool. The hook, installed as "
             "/etc/libvirt/hooks/qemu.d/50-libvirt-bpfcg, validates each guest before it "
             "starts and installs or extends the guest's cgroup v2 device filter (a "
-            "BPF_PROG_TYPE_CGROUP_DEVICE program) once QEMU runs. The commands plan, show "
-            "and change a guest's filter by hand."),
+            "BPF_PROG_TYPE_CGROUP_DEVICE program) once QEMU runs; the hook-server command "
+            "does the hook's work in a resident process, so each event costs less. The "
+            "commands plan, show and change a guest's filter by hand."),
         ".SH OPTIONS",
     ]
     out += _options(parser)
