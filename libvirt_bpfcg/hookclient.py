@@ -28,6 +28,10 @@ import _socket
 import posix
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (ms per hook event)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 SOCKET_PATH = "/run/libvirt-bpfcg/hook.sock"
 MAGIC = b"BPFCG-HOOK/1\n"
 NOT_SERVED = 0x10000  # beyond any exit code: "handle it yourself"
@@ -111,13 +115,15 @@ def receive_all(sock: _socket.socket, limit: int) -> bytes:
 
 
 def call_server(argv: list, xml: bytes, path: str = SOCKET_PATH,
-                timeout: float = REPLY_TIMEOUT, report: bool = True) -> tuple | None:
+                timeout: float = REPLY_TIMEOUT, report: Callable[[str], None] | None = None
+                ) -> tuple | None:
     """(exit status, stderr text) from the server, or None: handle the event in-process.
     The server reads the config file this process would (``LIBVIRT_BPFCG_CONFIG``).
 
-    None without a word when no server listens (the common case on hosts without one);
-    a server that was reached but failed us gets one line on stderr, since an admin who
-    enabled it wants to know (libvirt shows stderr only when the hook fails)."""
+    None without a word when no server listens (the common case on hosts without one). A
+    server that was reached but failed us is worth a line to the admin who enabled it:
+    ``report`` gets it (default: syslog). Not stderr: the hook then does the work itself,
+    and on success libvirt ignores stderr, on failure our one-line error would get two."""
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
@@ -132,8 +138,8 @@ def call_server(argv: list, xml: bytes, path: str = SOCKET_PATH,
         sock.shutdown(_socket.SHUT_WR)
         status, text = decode_reply(receive_all(sock, MAX_REPLY_BYTES))
     except (OSError, ProtocolError) as exc:
-        if report:
-            _say(f"hook server at {path} did not answer ({exc}); handling the event here")
+        (report or to_syslog)(f"hook server at {path} did not answer ({exc}); handling the "
+                              "event here")
         return None
     finally:
         sock.close()
@@ -142,5 +148,12 @@ def call_server(argv: list, xml: bytes, path: str = SOCKET_PATH,
     return status, text
 
 
-def _say(line: str) -> None:
-    sys.stderr.write(f"libvirt-bpfcg: {line}\n")
+def to_syslog(line: str) -> None:
+    import syslog  # built in, and needed only here
+
+    syslog.openlog("libvirt-bpfcg", syslog.LOG_PID, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_WARNING, line.replace("\n", " "))
+
+
+def ignore(_line: str) -> None:
+    """A ``report`` for callers that judge the outcome themselves (doctor)."""
