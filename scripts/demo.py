@@ -1,12 +1,14 @@
 """The README's demo: a real libvirtd + QEMU guest with our hook, start to restart.
 
 1. brings up a private libvirtd 9.0 (the test lab: its own mount namespace and cgroup, the
-   host untouched) and installs hooks/qemu into its hooks/qemu.d/;
+   host untouched), installs our hook into its hooks/qemu.d/ as the packages do (the gate,
+   then hooks/qemu) and runs the hook server there;
 2. starts a guest whose <metadata> asks for one extra device (a loop device);
 3. prints ``libvirt-bpfcg status`` for the guest;
 4. opens an allowed device and a denied one from inside the guest's cgroup;
 5. restarts libvirtd and shows the filter found again (same program, same rules);
-6. does the same for a libvirtd that cannot use BPF (own mode: we build the whole filter);
+6. does the same for a libvirtd that cannot use BPF (own mode: we build the whole filter),
+   with no hook server: the hook does the same work itself;
 7. cleans up everything it created.
 """
 
@@ -19,23 +21,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from lab_cli import STATE_DIR, HookServerProcess, install_hook  # noqa: E402
 from labharness import Lab  # noqa: E402
 
 from libvirt_bpfcg import detect as det  # noqa: E402
 
-HOOK = os.path.join(ROOT, "hooks", "qemu")
-STATE_DIR = "/run/libvirt/bpfcg"
 NS = "https://libvirt-bpfcg.org/xmlns/extras/1"
 
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
-
-
-def install_hook(lab: Lab) -> None:
-    with open(os.path.join(lab.lab_dir, "etc", "libvirt-bpfcg.conf"), "w") as handle:
-        handle.write(f"[hook]\nstate_dir = {STATE_DIR}\n")
-    lab.install_hook(f'#!/bin/sh\nexec {sys.executable} -S {HOOK} "$@"\n')
 
 
 def status(lab: Lab, name: str) -> None:
@@ -82,8 +77,12 @@ def main() -> int:
     say("libvirtd with its own BPF filter: libvirt mode, we add the extras")
     with Lab() as lab:
         install_hook(lab)
-        scenario(lab, "libvirt", extra=True)
-    say("libvirtd that cannot use bpf(2): own mode, we build the whole filter")
+        with HookServerProcess(lab) as server:
+            scenario(lab, "libvirt", extra=True)
+            print(f"  the hook server handled {server.served()} of the hook's events "
+                  "(prepare, started, reconnect, release)")
+    say("libvirtd that cannot use bpf(2): own mode, we build the whole filter (no hook "
+        "server: the hook does the work itself)")
     lab = Lab().up(libvirtd_preload_nobpf=True)
     try:
         install_hook(lab)
