@@ -5,18 +5,40 @@ knows about (qemu.conf ``namespaces = ["mount"]``, the default). Allowing an ext
 the filter is useless if its node does not exist there, so we create it the way libvirt does
 on hotplug: same type, numbers, mode and owner as the host's node.
 
-A forked child enters the namespace (setns) and makes the nodes; the parent never changes
-namespace. Nothing is created when QEMU shares our mount namespace (``namespaces = []``).
+The nodes are made through QEMU's own root, ``/proc/PID/root``: openat2(2) with
+RESOLVE_IN_ROOT resolves the parent directory the way QEMU would see it, in QEMU's mount
+namespace, and mknodat/fchownat work relative to that directory. No fork and no setns:
+this runs in the hook server too, where forking a process that holds lxml and the engine
+cost more than the rest of the ``started`` event. Kernels before 5.6 have no openat2: a
+forked child then enters the namespace (setns) and makes the nodes there; the parent never
+changes namespace. Nothing is created when QEMU shares our mount namespace
+(``namespaces = []``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 from typing import Dict, List, Sequence
 
 CLONE_NEWNS = 0x00020000
+SYS_OPENAT2 = 437  # the same number on every architecture (syscalls added since 5.1)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+class NoOpenat2(Exception):
+    """The kernel has no openat2(2)."""
 
 
 def _same_namespace(pid: int) -> bool:
@@ -53,6 +75,87 @@ def create_nodes_in_namespace(pid: int, nodes: Sequence[Dict[str, str]]) -> List
     wanted = _host_nodes(nodes)
     if not wanted:
         return []
+    try:
+        return _make_nodes_through_root(pid, wanted)
+    except NoOpenat2:
+        return _make_nodes_in_forked_child(pid, wanted)
+
+
+def _openat2(dir_fd: int, path: str, flags: int) -> int:
+    """openat2(dir_fd, path) resolved with dir_fd as the root (absolute symlinks and '..'
+    stay inside it), never through /proc magic links."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dir_fd),
+                       ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                       ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            raise NoOpenat2()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def _open_parent(root_fd: int, parent: str) -> int:
+    """An O_PATH descriptor of ``parent`` below QEMU's root, made (0755) as needed."""
+    relative = parent.strip("/")
+    flags = os.O_PATH | os.O_DIRECTORY
+    try:
+        return _openat2(root_fd, relative, flags)
+    except FileNotFoundError:
+        pass
+    done = ""
+    for part in relative.split("/"):
+        at = _openat2(root_fd, done or ".", flags)
+        try:
+            os.mkdir(part, 0o755, dir_fd=at)
+        except FileExistsError:
+            pass
+        finally:
+            os.close(at)
+        done = f"{done}/{part}" if done else part
+    return _openat2(root_fd, relative, flags)
+
+
+def _make_nodes_through_root(pid: int, wanted: Sequence[tuple]) -> List[str]:
+    try:
+        root_fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return [f"cannot reach QEMU's /dev (pid {pid}): {exc.strerror}"]
+    messages = []
+    try:
+        for path, mode, rdev, uid, gid in wanted:
+            try:
+                _make_node(root_fd, path, mode, rdev, uid, gid)
+            except OSError as exc:
+                messages.append(f"cannot create {path} in QEMU's /dev: {exc.strerror}")
+    finally:
+        os.close(root_fd)
+    return messages
+
+
+def _make_node(root_fd: int, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
+    parent, name = os.path.split(path)
+    dir_fd = _open_parent(root_fd, parent)
+    try:
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            return  # something is there already (libvirt's own node, or ours)
+        except FileNotFoundError:
+            pass
+        # The host node's permission bits exactly, with no chmod after. umask is per process:
+        # safe here, the hook and the hook server run one event at a time in one thread.
+        old_umask = os.umask(0)
+        try:
+            os.mknod(name, mode, rdev, dir_fd=dir_fd)
+        finally:
+            os.umask(old_umask)
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        os.close(dir_fd)
+
+
+def _make_nodes_in_forked_child(pid: int, wanted: Sequence[tuple]) -> List[str]:
     read_fd, write_fd = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
@@ -76,9 +179,8 @@ def create_nodes_in_namespace(pid: int, nodes: Sequence[Dict[str, str]]) -> List
 
 
 def _make_nodes_in(pid: int, wanted: Sequence[tuple]) -> List[str]:
-    libc = ctypes.CDLL(None, use_errno=True)
     ns_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    if libc.setns(ns_fd, CLONE_NEWNS) != 0:
+    if _libc.setns(ns_fd, CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     os.close(ns_fd)
