@@ -32,13 +32,17 @@ def gate_script(hook_path: str) -> str:
     return text.replace(line, f"hook={hook_path}\n")
 
 
-def install_hook(lab, body: str = "") -> None:
+def install_hook(lab, body: str = "", direct: bool = False) -> None:
     """Our hook in the lab's qemu.d/ as the packages install it: the gate, then the Python
     hook, run here through a launcher (this checkout's interpreter: libvirtd passes only PATH
     and LC_ALL), with the lab's config file naming our state dir. ``body``: the launcher's
-    shell command instead of the plain hook."""
+    shell command instead of the plain hook. ``direct``: no launcher, the gate runs
+    hooks/qemu itself (its #!/usr/bin/python3 -S and the system's lxml), as installed."""
     with open(os.path.join(lab.lab_dir, "etc", "libvirt-bpfcg.conf"), "w") as handle:
         handle.write(f"[hook]\nstate_dir = {STATE_DIR}\n")
+    if direct:
+        lab.install_hook(gate_script(HOOK))
+        return
     launcher = os.path.join(lab.lab_dir, "bpfcg-hook")  # same path inside the namespace
     with open(launcher, "w") as handle:
         handle.write("#!/bin/sh\n" + (body or f'exec {sys.executable} -S {HOOK} "$@"') + "\n")
