@@ -39,9 +39,11 @@ MAX_ITEMS = 64
 MAX_XML_BYTES = 64 * 1024 * 1024  # a domain XML is KBs; refuse to buffer absurd input
 MAX_ITEM_BYTES = MAX_XML_BYTES + 1  # one byte more: the hook itself reports "too big"
 MAX_REPLY_BYTES = 1024 * 1024
-# A served op holds libvirt's domain job, as the in-process hook would: the server does
-# the same work, so it gets the same patience; past this the hook does the work itself.
-REPLY_TIMEOUT = 60.0
+# A served event takes milliseconds (the longest wait is for a guest's lock, held for
+# milliseconds by the CLI or the watcher). A server still silent after this is broken or
+# hung: the hook then does the work itself rather than hold libvirt's domain job any longer.
+# (A socket unit whose service cannot start queues connections until systemd gives up.)
+REPLY_TIMEOUT = 15.0
 
 
 class ProtocolError(Exception):

@@ -154,6 +154,19 @@ def test_server_that_hangs_up_without_replying_leaves_the_event_to_the_hook(tmp_
     assert reports[0].endswith("handling the event here")
 
 
+def test_server_that_never_answers_times_out_and_leaves_the_event_to_the_hook(tmp_path):
+    path = str(tmp_path / "hung.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)  # accepts into the backlog, never answers: a hung server
+        reports: List[str] = []
+        started = time.monotonic()
+        assert call_server(["qemu", "vm", "started", "begin", "-"], b"<domain/>", path=path,
+                           timeout=0.3, report=reports.append) is None
+        assert time.monotonic() - started < 5
+    assert len(reports) == 1 and "timed out" in reports[0]
+
+
 def _in_child(action) -> int:
     """Run ``action`` in a forked child; its return value is the exit status."""
     pid = os.fork()
