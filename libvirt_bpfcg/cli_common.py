@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from .cgroup import DEFAULT_QEMU_RUN_DIR
 from .state import DEFAULT_BPFFS, DEFAULT_STATE_DIR
@@ -51,3 +51,19 @@ def resolve_state_arguments(args: argparse.Namespace) -> None:
 def print_json(data: Any, out: TextIO) -> None:
     json.dump(data, out, indent=2)
     out.write("\n")
+
+
+def seconds(minimum: float = 0.0, maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: a number of seconds from ``minimum`` to ``maximum``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not minimum <= value <= (maximum if maximum is not None else float("inf")):
+            raise argparse.ArgumentTypeError(
+                f"use {minimum:g} to {maximum:g} seconds" if maximum is not None
+                else f"use {minimum:g} seconds or more")
+        return value
+
+    return parse

@@ -59,7 +59,7 @@ def test_report_lines():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["detach-device", "g", "f.xml", "--timeout", "-1"], "cannot be negative"),
+    (["detach-device", "g", "f.xml", "--timeout", "-1"], "use 0 seconds or more"),
     (["detach-device", "g", "f.xml", "--timeout", "soon"], "not a number of seconds"),
     (["attach-device", "g"], "required: FILE"),
     (["watch", "--poll-interval", "0"], "use 0.05 to 3600 seconds"),

@@ -9,6 +9,7 @@ import signal
 from typing import TextIO
 
 from .. import log
+from ..cli_common import seconds
 from ..hookclient import SOCKET_PATH
 from ..hookserver import HookServer, bind_listener, systemd_listener, unlink_if_same
 
@@ -27,21 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--socket", metavar="PATH", default=SOCKET_PATH,
                         help="where to listen when systemd passes no socket (default "
                              f"{SOCKET_PATH}, where the hook looks)")
-    parser.add_argument("--idle-exit", type=_seconds, default=0, metavar="SECONDS",
+    parser.add_argument("--idle-exit", type=seconds(), default=0, metavar="SECONDS",
                         help="exit after this many seconds without a request (default 0: "
                              "never; under socket activation systemd starts it again)")
     parser.add_argument("--syslog", action="store_true", help="also log to syslog")
     parser.set_defaults(func=run_hook_server)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("use 0 (never) or a positive number of seconds")
-    return value
 
 
 def run_hook_server(args: argparse.Namespace, out: TextIO) -> int:

@@ -12,7 +12,7 @@ import sys
 from typing import TextIO
 
 from ..bpf import sys as bpf
-from ..cli_common import add_state_arguments, resolve_state_arguments
+from ..cli_common import add_state_arguments, resolve_state_arguments, seconds
 from ..hotplug import (
     DEFAULT_DETACH_TIMEOUT,
     Hotplug,
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "detach we wait for libvirt's device-removed event, then revoke the rules "
                     "nothing left in the live domain XML still needs (own mode).")
     _common(detach)
-    detach.add_argument("--timeout", type=_seconds, default=DEFAULT_DETACH_TIMEOUT,
+    detach.add_argument("--timeout", type=seconds(), default=DEFAULT_DETACH_TIMEOUT,
                         metavar="SECONDS",
                         help="how long to wait for the guest to release the device "
                              f"(default {DEFAULT_DETACH_TIMEOUT:g})")
@@ -63,16 +63,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true", help="affect running domain")
     parser.add_argument("--current", action="store_true", help="affect current domain")
     add_state_arguments(parser, config_option="--bpfcg-config")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("the timeout cannot be negative")
-    return value
 
 
 def _hotplug(args: argparse.Namespace) -> tuple:

@@ -7,7 +7,7 @@ import logging
 from typing import TextIO
 
 from .. import log
-from ..cli_common import add_state_arguments, resolve_state_arguments
+from ..cli_common import add_state_arguments, resolve_state_arguments, seconds
 from ..state import StateDirs
 from ..watch import DEFAULT_POLL_INTERVAL, Watcher
 
@@ -28,23 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "LIBVIRT_DEFAULT_URI)")
     parser.add_argument("--once", action="store_true",
                         help="reconcile every running guest once and exit (1 if any failed)")
-    parser.add_argument("--poll-interval", type=_interval, default=DEFAULT_POLL_INTERVAL,
+    parser.add_argument("--poll-interval", type=seconds(0.05, 3600), default=DEFAULT_POLL_INTERVAL,
                         metavar="SECONDS",
                         help="how often each guest's attached program is checked (default "
                              f"{DEFAULT_POLL_INTERVAL:g})")
     parser.add_argument("--syslog", action="store_true", help="also log to syslog")
     add_state_arguments(parser)
     parser.set_defaults(func=run_watch)
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0.05 <= value <= 3600:
-        raise argparse.ArgumentTypeError("use 0.05 to 3600 seconds")
-    return value
 
 
 def run_watch(args: argparse.Namespace, out: TextIO) -> int:
