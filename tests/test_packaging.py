@@ -251,6 +251,19 @@ def test_deb_lists_hook_package_unit_man_page_and_config(packages):
 
 
 @pytest.mark.packaging
+def test_systemd_units_verify(tmp_path):
+    """systemd's own checker on the three units (ExecStart pointed at a binary that exists
+    here: the package is not installed on this host)."""
+    ensure_apt("systemd")
+    for unit in UNITS:
+        text = (ROOT / "packaging/systemd" / unit).read_text()
+        (tmp_path / unit).write_text(text.replace("/usr/bin/libvirt-bpfcg", "/bin/true"))
+    proc = run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / u) for u in UNITS)],
+               check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), proc
+
+
+@pytest.mark.packaging
 def test_deb_control_conffiles_and_payload(packages, tmp_path):
     fields = run(["dpkg-deb", "-f", packages.deb, "Architecture", "Depends"]).stdout
     assert "Architecture: all" in fields
