@@ -322,6 +322,36 @@ def test_cli_server_takes_the_socket_systemd_passes(tmp_path, config):
     assert os.path.exists(path)  # systemd's socket: the server never removes it
 
 
+def test_hooks_qemu_goes_to_the_server_at_the_fixed_socket_stdout_stays_empty(tmp_path, config):
+    """The installed path end to end, outside libvirt: hooks/qemu with libvirt's bare
+    environment, a server on /run/libvirt-bpfcg/hook.sock. Run in a private mount namespace
+    with a tmpfs on /run, so the host's /run is not touched."""
+    document = tmp_path / "domain.xml"
+    document.write_bytes(domain("/dev/no-such-disk"))
+    script = f"""
+set -e
+mount -t tmpfs -o mode=0755 bpfcg-hooktest /run
+mkdir -m 0700 /run/libvirt-bpfcg
+{sys.executable} -m libvirt_bpfcg --debug hook-server 2>{tmp_path}/server.log &
+server=$!
+for i in $(seq 200); do [ -S /run/libvirt-bpfcg/hook.sock ] && break; sleep 0.05; done
+set +e
+env -i LC_ALL=C PATH=/usr/bin:/bin LIBVIRT_BPFCG_CONFIG={config} {PY_HOOK} vm prepare begin - \
+    <{document} >{tmp_path}/out 2>{tmp_path}/err
+echo $? >{tmp_path}/rc
+kill $server
+wait $server
+"""
+    subprocess.run(["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script],
+                   check=True, cwd=ROOT, timeout=60)
+    assert (tmp_path / "rc").read_text().strip() == "1"
+    assert (tmp_path / "out").read_bytes() == b""
+    err = (tmp_path / "err").read_text()
+    assert err.startswith("libvirt-bpfcg: domain vm: refusing to start") and err.count("\n") == 1
+    assert re.search(r"hook server: vm prepare begin -> 1 in ", (tmp_path / "server.log")
+                     .read_text()), "the server answered, not the hook itself"
+
+
 # --- the gate in qemu.d -------------------------------------------------------------------
 
 
