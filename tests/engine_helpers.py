@@ -16,10 +16,12 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Sequence
 
@@ -328,3 +330,51 @@ __all__ = [
     "tagged_programs", "wait_programs_settle", "worker_command", "worker_env", "worker_spec",
     "write_spec",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# The hook against scratch cgroups
+
+
+def rule_extras_domain(name: str, tag: int) -> bytes:
+    """A small domain with two metadata rule extras (no path extras: no nodes to create)."""
+    return f"""<domain type='kvm'>
+  <name>{name}</name>
+  <uuid>{uuid.uuid4()}</uuid>
+  <memory unit='KiB'>65536</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices><serial type='pty'/></devices>
+  <metadata>
+    <bpfcg:extras xmlns:bpfcg='https://libvirt-bpfcg.org/xmlns/extras/1'>
+      <bpfcg:rule>c {tag}:40000 rw</bpfcg:rule>
+      <bpfcg:rule>c {tag}:40001 r</bpfcg:rule>
+    </bpfcg:extras>
+  </metadata>
+</domain>""".encode()
+
+
+class FakeQemu:
+    """A sleeping process in the guest cgroup, and libvirt's pid file naming it."""
+
+    def __init__(self, cgroup: str, run_dir: str, name: str) -> None:
+        self.proc = subprocess.Popen(["sleep", "600"])
+        with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as procs:
+            procs.write(str(self.proc.pid))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, f"{name}.pid"), "w", encoding="ascii") as pidfile:
+            pidfile.write(f"{self.proc.pid}\n")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def hook_config(directory: str, dirs: StateDirs, run_dir: str) -> str:
+    """A config file for hook runs against scratch cgroups: our state dirs, the fake QEMU's
+    pid files, libvirt 9.0's default ACL."""
+    path = os.path.join(directory, "bpfcg.conf")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"[acl]\nlibvirt_version = 9.0.0\nqemu_conf = {directory}/no-qemu.conf\n"
+                     f"[hook]\nstate_dir = {dirs.state_dir}\n"
+                     f"[host]\nqemu_run_dir = {run_dir}\nbpffs = {dirs.bpffs}\n")
+    return path

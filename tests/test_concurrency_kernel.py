@@ -22,25 +22,26 @@ from __future__ import annotations
 import errno
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from typing import Callable, Dict, List, Tuple
 
 import pytest
 from engine_helpers import (
     ROOT,
+    FakeQemu,
     check_pins_follow_attached,
     entries_of,
     filter_state,
+    hook_config,
     install_libvirt_like,
     leftover_state,
     libvirt_realloc,
     opens,
     private_state_dirs,
     record,
+    rule_extras_domain,
     rule_node,
     scaled,
     wait_programs_settle,
@@ -69,7 +70,6 @@ Op = Tuple[str, List[Rule]]
 
 HOOK_DRIVER = ("import sys; from libvirt_bpfcg.hook import run; "
                "sys.exit(run(sys.argv[1:], sys.stdin.buffer))")
-EXTRAS_NS = "https://libvirt-bpfcg.org/xmlns/extras/1"
 
 
 def batches(rng: random.Random, rules: List[Rule], low: int, high: int) -> List[List[Rule]]:
@@ -79,48 +79,6 @@ def batches(rng: random.Random, rules: List[Rule], low: int, high: int) -> List[
         out.append(rules[i:i + size])
         i += size
     return out
-
-
-def domain_xml(name: str, tag: int) -> bytes:
-    """A small domain with two metadata rule extras (no path extras: no nodes to create)."""
-    return f"""<domain type='kvm'>
-  <name>{name}</name>
-  <uuid>{uuid.uuid4()}</uuid>
-  <memory unit='KiB'>65536</memory>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices><serial type='pty'/></devices>
-  <metadata>
-    <bpfcg:extras xmlns:bpfcg='{EXTRAS_NS}'>
-      <bpfcg:rule>c {tag}:40000 rw</bpfcg:rule>
-      <bpfcg:rule>c {tag}:40001 r</bpfcg:rule>
-    </bpfcg:extras>
-  </metadata>
-</domain>""".encode()
-
-
-class FakeQemu:
-    """A sleeping process in the guest cgroup, and libvirt's pid file naming it."""
-
-    def __init__(self, cgroup: str, run_dir: str, name: str) -> None:
-        self.proc = subprocess.Popen(["sleep", "600"])
-        with open(os.path.join(cgroup, "cgroup.procs"), "w", encoding="ascii") as procs:
-            procs.write(str(self.proc.pid))
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, f"{name}.pid"), "w", encoding="ascii") as pidfile:
-            pidfile.write(f"{self.proc.pid}\n")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-
-def hook_config(directory: str, dirs: StateDirs, run_dir: str) -> str:
-    path = os.path.join(directory, "bpfcg.conf")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(f"[acl]\nlibvirt_version = 9.0.0\nqemu_conf = {directory}/no-qemu.conf\n"
-                     f"[hook]\nstate_dir = {dirs.state_dir}\n"
-                     f"[host]\nqemu_run_dir = {run_dir}\nbpffs = {dirs.bpffs}\n")
-    return path
 
 
 @pytest.mark.parametrize("mode", ["own", "libvirt"])
@@ -179,7 +137,7 @@ def _one_run(mode: str, cgroup_parent: str, node_dir: str, directory: str, dirs:
                                           stderr=subprocess.PIPE, bufsize=0))
         for proc in procs:  # unbuffered: readline() must not read past "ready"
             assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        xml = domain_xml(name, tag)
+        xml = rule_extras_domain(name, tag)
         xml_path = os.path.join(directory, "domain.xml")
         with open(xml_path, "wb") as handle:
             handle.write(xml)
