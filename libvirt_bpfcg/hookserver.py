@@ -176,12 +176,15 @@ class HookServer:
     def serve_one(self, conn: socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT)
         try:
+            # Read first, even from a peer we will not serve: one that is still sending a
+            # large XML would take our early close for a failed server.
+            request = receive_all(conn, MAX_REQUEST_BYTES)
             problem = peer_problem(conn)
             if problem is not None:
                 logger.debug("hook server: not serving: %s", problem)
                 conn.sendall(encode_reply(NOT_SERVED, ""))
                 return
-            argv, xml, config_path = parse_request(receive_all(conn, MAX_REQUEST_BYTES))
+            argv, xml, config_path = parse_request(request)
             started = time.monotonic()
             with log.CapturedWarnings() as stderr:
                 status = hook.handle(argv, io.BytesIO(xml), config_path)
