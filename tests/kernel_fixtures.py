@@ -13,7 +13,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import pytest
 
@@ -103,9 +103,9 @@ def make_node(node_dir: str, dev_type: str, major: int, minor: int) -> str:
     return path
 
 
-def open_in_cgroup(directory: str, opens: Sequence[Tuple[str, int]]) -> List[int]:
-    """Fork a child, move it into ``directory``, open each (path, flags); return each errno
-    (0 = opened). The child exits at once; it never runs any of our code but open()."""
+def errnos_in_cgroup(directory: str, calls: Sequence[Callable[[], object]]) -> List[int]:
+    """Fork a child, move it into ``directory``, run each call; return each call's errno
+    (0 = it succeeded). The child runs nothing but those syscalls and exits at once."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: only syscalls, then _exit
@@ -115,9 +115,9 @@ def open_in_cgroup(directory: str, opens: Sequence[Tuple[str, int]]) -> List[int
             with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
                 procs.write("0")
             results = []
-            for path, flags in opens:
+            for call in calls:
                 try:
-                    os.close(os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY))
+                    call()
                     results.append(0)
                 except OSError as exc:
                     results.append(exc.errno or -1)
@@ -130,9 +130,17 @@ def open_in_cgroup(directory: str, opens: Sequence[Tuple[str, int]]) -> List[int
     with os.fdopen(read_fd, "rb") as pipe:
         data = pipe.read().decode().strip()
     _, status = os.waitpid(pid, 0)
-    if status != 0 or not data and opens:
+    if status != 0 or not data and calls:
         raise RuntimeError(f"probe child failed to join {directory} (status {status})")
     return [int(x) for x in data.split(",")] if data else []
+
+
+def open_in_cgroup(directory: str, opens: Sequence[Tuple[str, int]]) -> List[int]:
+    """Open each (path, flags) from a child inside ``directory``; each errno (0 = opened)."""
+    def opener(path: str, flags: int) -> Callable[[], None]:
+        return lambda: os.close(os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY))
+
+    return errnos_in_cgroup(directory, [opener(path, flags) for path, flags in opens])
 
 
 def can_open(directory: str, path: str, flags: int = os.O_RDONLY) -> bool:
@@ -141,6 +149,6 @@ def can_open(directory: str, path: str, flags: int = os.O_RDONLY) -> bool:
 
 
 __all__ = [
-    "cgroup_parent", "scratch_cgroup", "node_dir", "make_node", "open_in_cgroup", "can_open",
-    "remove_cgroup_tree",
+    "cgroup_parent", "scratch_cgroup", "node_dir", "make_node", "errnos_in_cgroup",
+    "open_in_cgroup", "can_open", "remove_cgroup_tree",
 ]

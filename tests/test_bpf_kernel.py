@@ -24,10 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
-from kernel_fixtures import make_node, open_in_cgroup
+from kernel_fixtures import errnos_in_cgroup, make_node, open_in_cgroup
 
 from libvirt_bpfcg.bpf import devprog
 from libvirt_bpfcg.bpf import sys as bpf
@@ -544,36 +544,18 @@ def mknod_in_cgroup(directory: str, node_dir: str,
     """Fork a child into ``directory`` that mknods each (type, major, minor); return errnos.
     Created nodes are removed again."""
     paths = [os.path.join(node_dir, f"mk{os.getpid()}_{next(_mknod_counter)}") for _ in nodes]
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: only syscalls, then _exit
-        code = 0
-        try:
-            os.close(read_fd)
-            with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
-                procs.write("0")
-            results = []
-            for path, (dev_type, major, minor) in zip(paths, nodes):
-                kind = stat.S_IFBLK if dev_type == "b" else stat.S_IFCHR
-                try:
-                    os.mknod(path, kind | 0o600, os.makedev(major, minor))
-                    results.append(0)
-                except OSError as exc:
-                    results.append(exc.errno or -1)
-            os.write(write_fd, (",".join(map(str, results)) + "\n").encode())
-        except BaseException:  # noqa: BLE001
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read().decode().strip()
-    _, status = os.waitpid(pid, 0)
-    for path in paths:
-        if os.path.lexists(path):
-            os.unlink(path)
-    assert status == 0 and data, "mknod probe child failed"
-    return [int(x) for x in data.split(",")]
+
+    def maker(path: str, dev_type: str, major: int, minor: int) -> Callable[[], None]:
+        kind = stat.S_IFBLK if dev_type == "b" else stat.S_IFCHR
+        return lambda: os.mknod(path, kind | 0o600, os.makedev(major, minor))
+
+    try:
+        return errnos_in_cgroup(directory, [maker(path, *node)
+                                            for path, node in zip(paths, nodes)])
+    finally:
+        for path in paths:
+            if os.path.lexists(path):
+                os.unlink(path)
 
 
 def split_by_key(rule_list: Sequence[Rule]) -> Tuple[List[Rule], List[Rule]]:
