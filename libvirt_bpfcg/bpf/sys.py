@@ -338,17 +338,25 @@ def _bytes_buf(data: bytes) -> ctypes.Array:
     return ctypes.create_string_buffer(data, len(data))
 
 
+def _bpf_key_found(cmd: int, attr: ctypes.Array) -> bool:
+    """_bpf for the map commands where ENOENT (no such key, or no next key) is an answer,
+    not an error: False."""
+    try:
+        _bpf(cmd, attr)
+    except BpfError as exc:
+        if exc.errno == errno_mod.ENOENT:
+            return False
+        raise
+    return True
+
+
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """BPF_MAP_LOOKUP_ELEM -> value, or None when the key is absent."""
     _check_fd("BPF_MAP_LOOKUP_ELEM", fd, "map fd")
     key_buf = _bytes_buf(key)
     value_buf = ctypes.create_string_buffer(value_size)
-    try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, key_buf, value_buf))
-    except BpfError as exc:
-        if exc.errno == errno_mod.ENOENT:
-            return None
-        raise
+    if not _bpf_key_found(BPF_MAP_LOOKUP_ELEM, _elem_attr(fd, key_buf, value_buf)):
+        return None
     return value_buf.raw
 
 
@@ -363,13 +371,7 @@ def map_delete(fd: int, key: bytes) -> bool:
     """BPF_MAP_DELETE_ELEM -> True if deleted, False if the key was absent."""
     _check_fd("BPF_MAP_DELETE_ELEM", fd, "map fd")
     key_buf = _bytes_buf(key)
-    try:
-        _bpf(BPF_MAP_DELETE_ELEM, _elem_attr(fd, key_buf, None))
-    except BpfError as exc:
-        if exc.errno == errno_mod.ENOENT:
-            return False
-        raise
-    return True
+    return _bpf_key_found(BPF_MAP_DELETE_ELEM, _elem_attr(fd, key_buf, None))
 
 
 def map_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
@@ -382,12 +384,8 @@ def map_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     _check_fd("BPF_MAP_GET_NEXT_KEY", fd, "map fd")
     key_buf = None if key is None else _bytes_buf(key)
     next_buf = ctypes.create_string_buffer(key_size)
-    try:
-        _bpf(BPF_MAP_GET_NEXT_KEY, _elem_attr(fd, key_buf, next_buf))
-    except BpfError as exc:
-        if exc.errno == errno_mod.ENOENT:
-            return None
-        raise
+    if not _bpf_key_found(BPF_MAP_GET_NEXT_KEY, _elem_attr(fd, key_buf, next_buf)):
+        return None
     return next_buf.raw
 
 
