@@ -98,6 +98,11 @@ class DomainInfo(NamedTuple):
 # Small XML helpers
 
 
+def attr_of(el: etree._Element | None, name: str) -> str | None:
+    """Attribute ``name`` of ``el``, or None when the element itself is missing."""
+    return el.get(name) if el is not None else None
+
+
 def first_child(el: etree._Element | None, tag: str) -> etree._Element | None:
     """First child element named ``tag`` (or None): lxml's find() is 4x slower here."""
     if el is not None:
@@ -178,7 +183,7 @@ def _storage_layer(refs: _Refs, layer: etree._Element, kids: Dict[str, etree._El
     src_loc = f"{loc}/source"
     if stype in _PATH_ATTR:
         attr = _PATH_ATTR[stype]
-        path = source.get(attr) if source is not None else None
+        path = attr_of(source, attr)
         if path is None and layer.tag == "mirror":
             path = layer.get("file")  # the old <mirror file=...> spelling
             src_loc = loc
@@ -202,8 +207,8 @@ def _storage_layer(refs: _Refs, layer: etree._Element, kids: Dict[str, etree._El
                            data_store.get("type") or "file", access, "data-file", required,
                            False)
     elif stype == "volume":
-        pool = source.get("pool") if source is not None else None
-        volume = source.get("volume") if source is not None else None
+        pool = attr_of(source, "pool")
+        volume = attr_of(source, "volume")
         if not pool or not volume:
             reason = ("empty removable drive (no medium): nothing to allow" if removable
                       else "no pool/volume: nothing to allow")
@@ -227,13 +232,13 @@ def _storage_layer(refs: _Refs, layer: etree._Element, kids: Dict[str, etree._El
         _vfio_group(refs, f"{src_loc}/address", loc, "nvme", address,
                     f"IOMMU group of NVMe PCI {address}", note, required, managed)
     elif stype == "network":
-        protocol = source.get("protocol") if source is not None else None
+        protocol = attr_of(source, "protocol")
         refs.skip(loc, kind, access,
                   f"network disk (protocol {protocol or '?'}): QEMU connects over the network")
     elif stype == "vhostuser":
         refs.skip(loc, kind, access, "vhost-user disk: a socket, not a device node")
     elif stype == "vhostvdpa":
-        path = source.get("dev") if source is not None else None
+        path = attr_of(source, "dev")
         refs.skip(loc, kind, access,
                   "vhost-vdpa disk: libvirt opens the device and passes the descriptor",
                   path=path)
@@ -339,7 +344,7 @@ def _vfio_group(refs: _Refs, source: str, container_source: str, kind: str, addr
 
 def _vfio_pci(refs: _Refs, el: etree._Element, loc: str, kind: str) -> None:
     driver = first_child(el, "driver")
-    name = driver.get("name") if driver is not None else None
+    name = attr_of(driver, "name")
     source = first_child(el, "source")
     address = pci_address(first_child(source, "address"), f"{loc}/source")
     if name in ("kvm", "xen"):
@@ -373,8 +378,8 @@ def _hostdev(refs: _Refs, el: etree._Element, loc: str) -> None:
                       "iSCSI hostdev: QEMU connects over the network")
             return
         access = "r" if first_child(el, "readonly") is not None else "rw"
-        adapter = first_child(source, "adapter") if source is not None else None
-        name = adapter.get("name") if adapter is not None else None
+        adapter = first_child(source, "adapter")
+        name = attr_of(adapter, "name")
         if not name or not name.startswith("scsi_host"):
             raise InputError(f"{loc}/source/adapter: expected name='scsi_hostN', got {name!r}")
         host = c_uint(name[len("scsi_host"):], "SCSI host number", f"{loc}/source/adapter")
@@ -393,8 +398,8 @@ def _hostdev(refs: _Refs, el: etree._Element, loc: str) -> None:
         refs.skip(loc, "hostdev-scsi", "rw",
                   "vhost-scsi: libvirt opens /dev/vhost-scsi itself and passes the descriptor")
     elif htype == "mdev":
-        addr = first_child(source, "address") if source is not None else None
-        uuid = addr.get("uuid") if addr is not None else None
+        addr = first_child(source, "address")
+        uuid = attr_of(addr, "uuid")
         if not uuid:
             raise InputError(f"{loc}/source: missing mediated device <address uuid=...>")
         refs.add(DeviceRef(f"{loc}/source/address/@uuid", "hostdev-mdev", "rw",
@@ -446,7 +451,7 @@ def _interface(refs: _Refs, el: etree._Element, loc: str) -> None:
         source = first_child(el, "source")
         refs.skip(loc, "interface", "rw",
                   "vDPA interface: libvirt opens the device and passes the descriptor",
-                  path=source.get("dev") if source is not None else None)
+                  path=attr_of(source, "dev"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,7 +462,7 @@ def _chardev(refs: _Refs, el: etree._Element, loc: str) -> None:
     if el.get("type") != "dev":
         return
     source = first_child(el, "source")
-    path = source.get("path") if source is not None else None
+    path = attr_of(source, "path")
     if not path:
         raise InputError(f"{loc}: type='dev' without <source path=...>")
     refs.add(DeviceRef(f"{loc}/source/@path", "chardev", "rw", path=path,
@@ -466,10 +471,10 @@ def _chardev(refs: _Refs, el: etree._Element, loc: str) -> None:
 
 def _tpm(refs: _Refs, el: etree._Element, loc: str) -> None:
     backend = first_child(el, "backend")
-    btype = backend.get("type") if backend is not None else None
+    btype = attr_of(backend, "type")
     if btype == "passthrough":
         device = first_child(backend, "device")
-        path = device.get("path") if device is not None else None
+        path = attr_of(device, "path")
         if path:
             src = f"{loc}/backend/device/@path"
         else:
@@ -486,7 +491,7 @@ def _input(refs: _Refs, el: etree._Element, loc: str) -> None:
     if attr is None:
         return
     source = first_child(el, "source")
-    path = source.get(attr) if source is not None else None
+    path = attr_of(source, attr)
     if not path:
         raise InputError(f"{loc}: type='{itype}' without <source {attr}=...>")
     refs.add(DeviceRef(f"{loc}/source/@{attr}", "input", "rw", path=path,
@@ -495,7 +500,7 @@ def _input(refs: _Refs, el: etree._Element, loc: str) -> None:
 
 def _rng(refs: _Refs, el: etree._Element, loc: str) -> None:
     backend = first_child(el, "backend")
-    model = backend.get("model") if backend is not None else None
+    model = attr_of(backend, "model")
     if model == "random":
         path = _text(backend)
         src = f"{loc}/backend"
@@ -536,7 +541,7 @@ def _render_node_wanted(el: etree._Element) -> bool:
 
 def _graphics(refs: _Refs, el: etree._Element, loc: str) -> None:
     gl = first_child(el, "gl")
-    rendernode = gl.get("rendernode") if gl is not None else None
+    rendernode = attr_of(gl, "rendernode")
     if rendernode and el.get("type") in ("spice", "egl-headless", "dbus"):
         refs.add(DeviceRef(f"{loc}/gl/@rendernode", "rendernode", "rw", path=rendernode,
                            note="graphics render node"))
@@ -553,7 +558,7 @@ def _video(refs: _Refs, el: etree._Element, loc: str) -> None:
     if model is None:
         return
     accel = first_child(model, "acceleration")
-    rendernode = accel.get("rendernode") if accel is not None else None
+    rendernode = attr_of(accel, "rendernode")
     if rendernode:
         refs.add(DeviceRef(f"{loc}/model/acceleration/@rendernode", "rendernode", "rw",
                            path=rendernode, note="video acceleration render node"))
