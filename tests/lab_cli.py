@@ -22,13 +22,14 @@ GATE = os.path.join(ROOT, "hooks", "50-libvirt-bpfcg")
 INSTALLED_HOOK = "/usr/libexec/libvirt-bpfcg/qemu-hook"  # where the gate looks for the hook
 
 
-def gate_script(hook_path: str) -> str:
-    """The packaged gate (hooks/50-libvirt-bpfcg), pointed at ``hook_path`` instead of the
-    installed Python hook: the only line the packages and the lab differ in."""
-    with open(GATE) as handle:
+def gate_script(hook_path: str, gate_path: str = GATE) -> str:
+    """The packaged gate (hooks/50-libvirt-bpfcg, or ``gate_path``: the one from a built
+    package), pointed at ``hook_path`` instead of the installed Python hook: the only line
+    the packages and the lab differ in."""
+    with open(gate_path) as handle:
         text = handle.read()
     line = f"hook={INSTALLED_HOOK}\n"
-    assert text.count(line) == 1, f"{GATE} no longer sets {line.strip()}"
+    assert text.count(line) == 1, f"{gate_path} no longer sets {line.strip()}"
     return text.replace(line, f"hook={hook_path}\n")
 
 

@@ -15,6 +15,7 @@ import time
 from typing import Dict, List
 
 import pytest
+from lab_cli import gate_script
 
 from libvirt_bpfcg import doctor, hookserver
 from libvirt_bpfcg.config import Config
@@ -145,11 +146,8 @@ def install_gate(host, hook_path: str) -> str:
     """The packages' gate in qemu.d, handing events to ``hook_path``."""
     os.makedirs(os.path.join(host["hooks"], "qemu.d"), exist_ok=True)
     target = os.path.join(host["hooks"], "qemu.d", doctor.HOOK_NAME)
-    with open(os.path.join(ROOT, "hooks", "50-libvirt-bpfcg")) as handle:
-        text = handle.read().replace("hook=/usr/libexec/libvirt-bpfcg/qemu-hook\n",
-                                     f"hook={hook_path}\n")
     with open(target, "w") as handle:
-        handle.write(text)
+        handle.write(gate_script(hook_path))
     os.chmod(target, 0o755)
     return target
 

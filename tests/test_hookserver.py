@@ -22,6 +22,7 @@ import time
 from typing import Iterator, List
 
 import pytest
+from lab_cli import GATE, gate_script
 
 from libvirt_bpfcg import hook, hookclient, hookserver
 from libvirt_bpfcg import log as bpfcg_log
@@ -29,7 +30,6 @@ from libvirt_bpfcg.errors import OperationError
 from libvirt_bpfcg.hookclient import ProtocolError, call_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GATE = os.path.join(ROOT, "hooks", "50-libvirt-bpfcg")
 PY_HOOK = os.path.join(ROOT, "hooks", "qemu")
 UUID = "6a1f0c1e-2b3d-4e5f-8a9b-0c1d2e3f4a5b"
 CLONE_NEWNS = 0x00020000
@@ -368,12 +368,8 @@ def test_gate_hook_and_op_table_agree_on_the_events_handled():
 
 
 def gate_to(tmp_path, target: str) -> str:
-    with open(GATE) as handle:
-        text = handle.read().replace("hook=/usr/libexec/libvirt-bpfcg/qemu-hook\n",
-                                     f"hook={target}\n")
-    assert f"hook={target}\n" in text
     path = tmp_path / "50-libvirt-bpfcg"
-    path.write_text(text)
+    path.write_text(gate_script(target))
     path.chmod(0o755)
     return str(path)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Sequence
 
 import pytest
+from lab_cli import INSTALLED_HOOK, gate_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path("/var/cache/libvirt-bpfcg-tests")
@@ -33,7 +34,7 @@ CHROOT_PREFIX = "libvirt-bpfcg-chroot-"
 CHROOT_PARENT = "/var/tmp"  # not pytest's tmp: its rotation must never meet a /proc mount
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOOK = "/etc/libvirt/hooks/qemu.d/50-libvirt-bpfcg"  # the gate (hooks/50-libvirt-bpfcg)
-QEMU_HOOK = "/usr/libexec/libvirt-bpfcg/qemu-hook"  # the Python hook (hooks/qemu)
+QEMU_HOOK = INSTALLED_HOOK  # the Python hook (hooks/qemu)
 UNITS = ("libvirt-bpfcg-watch.service", "libvirt-bpfcg-hook.socket",
          "libvirt-bpfcg-hook.service")
 CONF = "/etc/libvirt/libvirt-bpfcg.conf"
@@ -594,7 +595,6 @@ def test_packaged_hook_filters_a_guest_in_the_lab(packages, lab_nobpf, lab_guest
 
     tree = tmp_path / "deb"
     run(["dpkg-deb", "-x", packages.deb, str(tree)])
-    gate = (tree / HOOK.lstrip("/")).read_text()
     site = tree / "usr/lib/python3/dist-packages"
     # The host's python3 must not find the package anywhere else.
     assert run(["/usr/bin/python3", "-c", "import libvirt_bpfcg"], check=False,
@@ -603,8 +603,7 @@ def test_packaged_hook_filters_a_guest_in_the_lab(packages, lab_nobpf, lab_guest
     wrapper.write_text(f"#!/bin/sh\n# the hook from the .deb, its package from the unpacked "
                        f"tree\nPYTHONPATH={site} exec {tree / QEMU_HOOK.lstrip('/')} \"$@\"\n")
     wrapper.chmod(0o755)
-    assert f"hook={QEMU_HOOK}\n" in gate
-    lab_nobpf.install_hook(gate.replace(f"hook={QEMU_HOOK}\n", f"hook={wrapper}\n"))
+    lab_nobpf.install_hook(gate_script(str(wrapper), str(tree / HOOK.lstrip("/"))))
     other = lab_nobpf.new_loop("pkg-other")
     guest = None
     try:
