@@ -52,14 +52,16 @@ class _SyslogHandler(logging.Handler):
 
 
 def setup(verbose: bool = False, stream: TextIO | None = None,
-          use_syslog: bool = True) -> logging.Logger:
+          use_syslog: bool = True, service: bool = False) -> logging.Logger:
+    """``service``: a long-running command (watch, hook-server) logs what it does to stderr
+    too, not only warnings."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_OneLineFormatter())
-    handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO if service else logging.WARNING)
     logger.addHandler(handler)
     if use_syslog and os.path.exists("/dev/log"):
         sys_handler = _SyslogHandler()

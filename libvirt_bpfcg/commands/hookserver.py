@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 from typing import TextIO
@@ -36,9 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_hook_server(args: argparse.Namespace, out: TextIO) -> int:
-    logger = log.setup(verbose=args.debug, use_syslog=args.syslog)
-    for handler in logger.handlers:  # a service logs what it does, not only warnings
-        handler.setLevel(min(handler.level, logging.INFO))
+    logger = log.setup(verbose=args.debug, use_syslog=args.syslog, service=True)
     listener = systemd_listener()
     bound = None
     if listener is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import TextIO
 
 from .. import log
@@ -39,9 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_watch(args: argparse.Namespace, out: TextIO) -> int:
     resolve_state_arguments(args)
-    logger = log.setup(verbose=args.debug, use_syslog=args.syslog)
-    for handler in logger.handlers:  # a service logs what it does, not only warnings
-        handler.setLevel(min(handler.level, logging.INFO))
+    log.setup(verbose=args.debug, use_syslog=args.syslog, service=True)
     dirs = StateDirs(state_dir=args.state_dir, bpffs=args.bpffs)
     watcher = Watcher(args.connect, args.loaded_config, dirs, args.qemu_run_dir,
                       poll_interval=args.poll_interval)
