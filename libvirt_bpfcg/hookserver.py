@@ -40,7 +40,6 @@ from .hookclient import (
     encode_reply,
     receive_all,
 )
-from .state import make_private_dir
 
 logger = logging.getLogger(log.LOGGER_NAME)
 
@@ -87,8 +86,10 @@ def answering(path: str) -> bool:
 
 
 def bind_listener(path: str) -> socket.socket:
-    """Listen on ``path`` (mode 0600 in a 0700 directory), replacing a dead socket."""
-    make_private_dir(os.path.dirname(path))
+    """Listen on ``path`` (mode 0600), replacing a dead socket. A missing directory is made
+    root-only; an existing one is left as it is (``--socket /tmp/x.sock`` must not close
+    /tmp): the socket's own mode is what keeps other users out."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

@@ -245,6 +245,12 @@ def test_bind_listener_modes_and_what_it_refuses(tmp_path):
         listener.close()
     # Closed: a dead socket file is replaced.
     hookserver.bind_listener(path).close()
+    # An existing directory keeps its mode (think --socket /tmp/hook.sock).
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    hookserver.bind_listener(str(shared / "hook.sock")).close()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     plain = tmp_path / "run" / "plain"
     plain.write_text("")
     with pytest.raises(OperationError, match="is not a socket"):
