@@ -68,7 +68,10 @@ class ProgramTimeline(threading.Thread):
 
     def run(self) -> None:
         last: List[int] = []
-        while not self.halt.is_set():
+        while True:
+            # Look once more after halt is set: the test halts the timeline as soon as it
+            # sees our re-install itself, possibly before this thread's next query did.
+            stopping = self.halt.is_set()
             fd = bpf.open_cgroup(self.cgroup)
             try:
                 ids = bpf.prog_query(fd, bpf.BPF_CGROUP_DEVICE).prog_ids
@@ -81,6 +84,8 @@ class ProgramTimeline(threading.Thread):
                     continue  # swapped again while we looked: query anew
                 self.events.append((time.monotonic(), ids, ours))
                 last = ids
+            if stopping:
+                return
             time.sleep(0.001)
 
     def stop(self) -> None:
